@@ -1,0 +1,586 @@
+"""SpanBERT models: a drop-in for ``transformers.BertModel`` and its pretraining and QA heads.
+
+Parameter names are exactly transformers' BERT names, so ``state_dict()`` of
+:class:`SpanBertModel` loads into ``transformers.BertModel`` and back. Every fused
+computation goes through :mod:`spanbert_fast.ops`, which picks the backend.
+
+Padding: outputs at padded positions (``attention_mask == 0``) are zeros on every backend
+(transformers fills them with values computed from the real tokens, which no head should
+read); ``last_hidden_state`` at real positions matches transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import SpanBertConfig
+
+__all__ = [
+    "SpanBertModel",
+    "SpanBertForPreTraining",
+    "SpanBertForQuestionAnswering",
+    "SpanBertModelOutput",
+    "SpanBertPreTrainingOutput",
+    "SpanBertQuestionAnsweringOutput",
+    "SBO_TARGET_FIELDS",
+]
+
+# Columns of the flat SBO target tensor (N, 5) that the sampler produces.
+SBO_TARGET_FIELDS = ("row", "left", "right", "rel_pos", "label")
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs: dataclasses with transformers' field names; also indexable like its ModelOutput.
+# ---------------------------------------------------------------------------------------
+class _Output:
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__ if getattr(self, f) is not None)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+
+@dataclass
+class SpanBertModelOutput(_Output):
+    """``last_hidden_state``: (batch, seq, hidden); ``pooler_output``: (batch, hidden) when the
+    config has a pooler; ``hidden_states``: embeddings output then each layer's output."""
+
+    last_hidden_state: torch.Tensor
+    pooler_output: Optional[torch.Tensor] = None
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class SpanBertPreTrainingOutput(_Output):
+    """``loss`` = ``mlm_loss`` + ``sbo_loss`` (each a mean over its targets).
+    ``prediction_logits`` (batch, seq, vocab) and ``sbo_logits`` (targets, vocab) only when
+    ``return_logits=True``."""
+
+    loss: Optional[torch.Tensor] = None
+    mlm_loss: Optional[torch.Tensor] = None
+    sbo_loss: Optional[torch.Tensor] = None
+    prediction_logits: Optional[torch.Tensor] = None
+    sbo_logits: Optional[torch.Tensor] = None
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class SpanBertQuestionAnsweringOutput(_Output):
+    """``start_logits``, ``end_logits``: (batch, seq); padded positions hold the dtype's
+    lowest value so that neither softmax nor argmax ever picks them."""
+
+    loss: Optional[torch.Tensor] = None
+    start_logits: Optional[torch.Tensor] = None
+    end_logits: Optional[torch.Tensor] = None
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks (module names mirror transformers' for identical state_dict keys)
+# ---------------------------------------------------------------------------------------
+class LayerNorm(nn.Module):
+    """LayerNorm whose forward optionally adds a residual first, through the fused op."""
+
+    def __init__(self, hidden_size: int, eps: float, backend: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual,
+                              backend=self.backend)
+
+
+class _Dense(nn.Module):
+    """A container named like transformers' sub-modules (``.dense`` + optional ``.LayerNorm``)."""
+
+    def __init__(self, in_features: int, out_features: int, config: SpanBertConfig,
+                 backend: str, layer_norm: bool) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_features, out_features)
+        if layer_norm:
+            self.LayerNorm = LayerNorm(out_features, config.layer_norm_eps, backend)
+
+
+class SpanBertEmbeddings(nn.Module):
+    def __init__(self, config: SpanBertConfig, backend: str) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
+                                            padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps, backend)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids, position_ids) -> torch.Tensor:
+        words = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(words, residual=self.position_embeddings(position_ids)))
+
+
+class SpanBertSelfAttention(nn.Module):
+    def __init__(self, config: SpanBertConfig, backend: str) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query = nn.Linear(h, h)
+        self.key = nn.Linear(h, h)
+        self.value = nn.Linear(h, h)
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        batch, seq, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+
+        context = ops.attention(
+            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
+            key_padding_mask=key_padding_mask,
+            dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend)
+        return context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+
+
+class SpanBertAttention(nn.Module):
+    def __init__(self, config: SpanBertConfig, backend: str) -> None:
+        super().__init__()
+        self.self = SpanBertSelfAttention(config, backend)
+        self.output = _Dense(config.hidden_size, config.hidden_size, config, backend, True)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        context = self.self(x, key_padding_mask)
+        return self.output.LayerNorm(self.dropout(self.output.dense(context)), residual=x)
+
+
+class SpanBertLayer(nn.Module):
+    def __init__(self, config: SpanBertConfig, backend: str) -> None:
+        super().__init__()
+        self.attention = SpanBertAttention(config, backend)
+        self.intermediate = _Dense(config.hidden_size, config.intermediate_size, config, backend, False)
+        self.output = _Dense(config.intermediate_size, config.hidden_size, config, backend, True)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        attended = self.attention(x, key_padding_mask)
+        up = self.intermediate.dense
+        inner = ops.bias_gelu(F.linear(attended, up.weight), up.bias, backend=self.backend)
+        return self.output.LayerNorm(self.dropout(self.output.dense(inner)), residual=attended)
+
+
+class SpanBertEncoder(nn.Module):
+    def __init__(self, config: SpanBertConfig, backend: str) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([SpanBertLayer(config, backend)
+                                    for _ in range(config.num_hidden_layers)])
+
+
+class SpanBertPooler(nn.Module):
+    def __init__(self, config: SpanBertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+# ---------------------------------------------------------------------------------------
+# Shared base: construction, weight init, checkpoints
+# ---------------------------------------------------------------------------------------
+class _SpanBertPreTrainedModel(nn.Module):
+    """Common plumbing. ``checkpoint_kind`` tells :mod:`spanbert_fast.checkpoint` which
+    layout family this class loads."""
+
+    checkpoint_kind = "model"
+
+    def __init__(self, config: SpanBertConfig, backend: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(config, SpanBertConfig):
+            raise TypeError(f"config must be a SpanBertConfig, got {type(config).__name__}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        self.config = config
+        self.backend = backend
+
+    def _init_weights(self) -> None:
+        """BERT's initialisation: N(0, initializer_range) weights, zero biases, LN = (1, 0)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Point every decoder at the word-embedding matrix (no-op without heads)."""
+
+    @classmethod
+    def from_pretrained(cls, path, *, config: Optional[SpanBertConfig] = None,
+                        strict: bool = True, backend: str = "auto"):
+        """Load any supported checkpoint layout (transformers, original SpanBERT release,
+        fairseq with heads) from a directory or file. Returns the model in eval mode."""
+        from . import checkpoint
+        return checkpoint.load_pretrained(cls, path, config=config, strict=strict, backend=backend)
+
+    def save_pretrained(self, path) -> None:
+        """Write ``config.json`` + ``model.safetensors`` in transformers' layout, atomically."""
+        from . import checkpoint
+        checkpoint.save_pretrained(self, path)
+
+    @classmethod
+    def from_transformers(cls, hf_model, *, backend: str = "auto"):
+        """Build this model from an in-memory ``transformers`` BERT model (same weights)."""
+        from . import checkpoint
+        return checkpoint.from_transformers(cls, hf_model, backend=backend)
+
+
+def _validate_inputs(config: SpanBertConfig, input_ids, attention_mask, token_type_ids,
+                     position_ids) -> None:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
+        raise TypeError(f"input_ids must be an integer tensor (int64 or int32), got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D (batch, seq), got shape {tuple(input_ids.shape)}")
+    batch, seq = input_ids.shape
+    if batch == 0 or seq == 0:
+        raise ValueError(f"input_ids must hold at least one token per row and one row, "
+                         f"got shape {tuple(input_ids.shape)}")
+    if seq > config.max_position_embeddings and position_ids is None:
+        raise ValueError(f"input_ids has sequence length {seq}, longer than "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+    checks = ((attention_mask, "attention_mask", True), (token_type_ids, "token_type_ids", False),
+              (position_ids, "position_ids", False))
+    for t, name, allow_float in checks:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (batch, seq):
+            raise ValueError(f"{name} must have the shape of input_ids {(batch, seq)}, "
+                             f"got {tuple(t.shape)}")
+        if (t.is_floating_point() and not allow_float) or t.is_complex():
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+        if t.device != input_ids.device:
+            raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
+    if not ops._values_checkable():
+        return
+    ops._check_index_range("input_ids", input_ids, 0, config.vocab_size)
+    if token_type_ids is not None:
+        ops._check_index_range("token_type_ids", token_type_ids, 0, config.type_vocab_size)
+    if position_ids is not None:
+        ops._check_index_range("position_ids", position_ids, 0, config.max_position_embeddings)
+    if attention_mask is not None and attention_mask.numel():
+        bad = (attention_mask != 0) & (attention_mask != 1)
+        if bool(bad.any()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token); for an "
+                             "additive float mask use ops.attention(attn_bias=...)")
+
+
+class SpanBertModel(_SpanBertPreTrainedModel):
+    """The SpanBERT/BERT encoder: embeddings -> N transformer layers (-> optional pooler).
+
+    Drop-in for ``transformers.BertModel``: same parameter names, same ``forward``
+    arguments and output field names.
+    """
+
+    checkpoint_kind = "model"
+
+    def __init__(self, config: SpanBertConfig, backend: str = "auto",
+                 add_pooling_layer: Optional[bool] = None) -> None:
+        super().__init__(config, backend)
+        if add_pooling_layer is not None and add_pooling_layer != config.add_pooling_layer:
+            config = config.replace(add_pooling_layer=bool(add_pooling_layer))
+            self.config = config
+        self.embeddings = SpanBertEmbeddings(config, backend)
+        self.encoder = SpanBertEncoder(config, backend)
+        self.pooler = SpanBertPooler(config) if config.add_pooling_layer else None
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings),
+                             persistent=False)
+        self._init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        output_hidden_states: bool = False,
+    ) -> SpanBertModelOutput:
+        """``input_ids`` (batch, seq) int; ``attention_mask`` (batch, seq) 0/1 (1 = token);
+        ``token_type_ids`` / ``position_ids`` (batch, seq) int. Returns
+        :class:`SpanBertModelOutput`; outputs at padded positions are zeros."""
+        _validate_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
+        batch, seq = input_ids.shape
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = self.position_ids[:seq].unsqueeze(0).expand(batch, seq)
+        valid = None
+        if attention_mask is not None:
+            valid = attention_mask != 0
+            if ops._values_checkable() and bool(valid.all()):
+                valid = None  # no padding: skip the masking work entirely
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids)
+        keep = None if valid is None else valid.unsqueeze(-1).to(hidden.dtype)
+        collected = [] if output_hidden_states else None
+        for layer in self.encoder.layer:
+            if collected is not None:
+                collected.append(hidden if keep is None else hidden * keep)
+            hidden = layer(hidden, valid)
+        if keep is not None:
+            hidden = hidden * keep
+        if collected is not None:
+            collected.append(hidden)
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        return SpanBertModelOutput(last_hidden_state=hidden, pooler_output=pooled,
+                                   hidden_states=tuple(collected) if collected is not None else None)
+
+
+class SpanBertLMPredictionHead(nn.Module):
+    """MLM head: dense -> GELU -> LN, then the decoder tied to the word embeddings + bias."""
+
+    def __init__(self, config: SpanBertConfig, backend: str) -> None:
+        super().__init__()
+        self.transform = _Dense(config.hidden_size, config.hidden_size, config, backend, True)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.backend = backend
+
+    def transform_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        dense = self.transform.dense
+        return self.transform.LayerNorm(
+            ops.bias_gelu(F.linear(rows, dense.weight), dense.bias, backend=self.backend))
+
+
+class SpanBertMLPWithLayerNorm(nn.Module):
+    """The SBO MLP's parameters, named as in the original release (``mlp_layer_norm``)."""
+
+    def __init__(self, config: SpanBertConfig, backend: str) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.linear1 = nn.Linear(2 * h + config.sbo_position_embedding_size, h)
+        self.layer_norm1 = LayerNorm(h, config.layer_norm_eps, backend)
+        self.linear2 = nn.Linear(h, h)
+        self.layer_norm2 = LayerNorm(h, config.layer_norm_eps, backend)
+
+
+class SpanBertPairTargetPredictionHead(nn.Module):
+    """The span-boundary objective head (SBO), as DESIGN.md and the release define it."""
+
+    def __init__(self, config: SpanBertConfig, backend: str) -> None:
+        super().__init__()
+        self.position_embeddings = nn.Embedding(config.sbo_max_targets,
+                                                config.sbo_position_embedding_size)
+        self.mlp_layer_norm = SpanBertMLPWithLayerNorm(config, backend)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.eps = config.layer_norm_eps
+        self.backend = backend
+
+    def represent(self, hidden_flat: torch.Tensor, left_index: torch.Tensor,
+                  right_index: torch.Tensor, rel_pos: torch.Tensor) -> torch.Tensor:
+        """(tokens, H) rows and (N,) flat boundary indices -> (N, H) span representations."""
+        mlp = self.mlp_layer_norm
+        return ops.span_boundary_head(
+            hidden_flat, left_index, right_index, rel_pos, self.position_embeddings.weight,
+            mlp.linear1.weight, mlp.linear1.bias, mlp.layer_norm1.weight, mlp.layer_norm1.bias,
+            mlp.linear2.weight, mlp.linear2.bias, mlp.layer_norm2.weight, mlp.layer_norm2.bias,
+            self.eps, backend=self.backend)
+
+
+class SpanBertPreTrainingHeads(nn.Module):
+    def __init__(self, config: SpanBertConfig, backend: str) -> None:
+        super().__init__()
+        self.predictions = SpanBertLMPredictionHead(config, backend)
+        self.pair_target_predictions = SpanBertPairTargetPredictionHead(config, backend)
+
+
+def _validate_sbo_targets(sbo_targets, batch: int, seq: int, config: SpanBertConfig,
+                          lengths: Optional[torch.Tensor], device) -> None:
+    if not isinstance(sbo_targets, torch.Tensor):
+        raise TypeError(f"sbo_targets must be a torch.Tensor, got {type(sbo_targets).__name__}")
+    if sbo_targets.dim() != 2 or sbo_targets.shape[1] != len(SBO_TARGET_FIELDS):
+        raise ValueError(f"sbo_targets must have shape (num_targets, 5) with columns "
+                         f"{SBO_TARGET_FIELDS}, got {tuple(sbo_targets.shape)}")
+    if sbo_targets.dtype != torch.int64:
+        raise TypeError(f"sbo_targets must be int64, got {sbo_targets.dtype}")
+    if sbo_targets.device != device:
+        raise ValueError(f"sbo_targets is on {sbo_targets.device} but input_ids is on {device}")
+    if sbo_targets.numel() == 0 or not ops._values_checkable():
+        return
+    row, left, right, rel, label = sbo_targets.unbind(1)
+    ops._check_index_range("sbo_targets[:, 0] (row)", row, 0, batch)
+    ops._check_index_range("sbo_targets[:, 1] (left)", left, 0, seq)
+    ops._check_index_range("sbo_targets[:, 2] (right)", right, 0, seq)
+    if lengths is not None and bool((right >= lengths[row]).any()):
+        raise ValueError("sbo_targets[:, 2] (right) must lie inside its row's unpadded length "
+                         "(attention_mask)")
+    ops._check_index_range("sbo_targets[:, 3] (rel_pos)", rel, 0, config.sbo_max_targets)
+    ops._check_index_range("sbo_targets[:, 4] (label)", label, 0, config.vocab_size)
+    target_pos = left + 1 + rel
+    if bool((target_pos >= right).any()):
+        raise ValueError("sbo_targets must satisfy left + 1 + rel_pos < right (the target lies "
+                         "strictly between its boundaries)")
+
+
+class SpanBertForPreTraining(_SpanBertPreTrainedModel):
+    """SpanBERT pretraining: masked-LM head plus the span-boundary objective (no NSP).
+
+    ``loss = mean MLM cross-entropy over masked tokens + mean SBO cross-entropy over SBO
+    targets``. Both decoders are tied to the word embeddings and have their own bias.
+    """
+
+    checkpoint_kind = "pretraining"
+
+    def __init__(self, config: SpanBertConfig, backend: str = "auto") -> None:
+        super().__init__(config, backend)
+        self.bert = SpanBertModel(config, backend)
+        self.cls = SpanBertPreTrainingHeads(config, backend)
+        self._init_weights()
+
+    def tie_weights(self) -> None:
+        embeddings = self.bert.embeddings.word_embeddings.weight
+        self.cls.predictions.decoder.weight = embeddings
+        self.cls.pair_target_predictions.decoder.weight = embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        sbo_targets: Optional[torch.Tensor] = None,
+        return_logits: bool = False,
+        output_hidden_states: bool = False,
+    ) -> SpanBertPreTrainingOutput:
+        """``labels``: (batch, seq) int64 MLM targets, -100 where not masked (transformers'
+        convention). ``sbo_targets``: (N, 5) int64 rows ``(row, left, right, rel_pos, label)``:
+        batch row, the span's outer boundary positions ``s-1`` and ``e+1``, the target's offset
+        inside the span and its token id. The MLM head runs only on the masked rows."""
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        output_hidden_states=output_hidden_states)
+        hidden = out.last_hidden_state
+        batch, seq, width = hidden.shape
+        flat = hidden.reshape(batch * seq, width)
+        heads = self.cls
+        embeddings = self.bert.embeddings.word_embeddings.weight
+
+        mlm_loss = sbo_loss = prediction_logits = sbo_logits = None
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor):
+                raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+            if tuple(labels.shape) != (batch, seq):
+                raise ValueError(f"labels must have the shape of input_ids {(batch, seq)}, "
+                                 f"got {tuple(labels.shape)}")
+            if labels.dtype != torch.int64:
+                raise TypeError(f"labels must be int64 (-100 = not masked), got {labels.dtype}")
+            flat_labels = labels.reshape(-1)
+            if ops._values_checkable():
+                rows = (flat_labels != -100).nonzero().squeeze(1)
+            else:
+                rows = torch.arange(flat_labels.numel(), device=labels.device)
+            mlm_loss = ops.linear_cross_entropy(
+                heads.predictions.transform_rows(flat.index_select(0, rows)), embeddings,
+                heads.predictions.bias, flat_labels.index_select(0, rows), backend=self.backend)
+        if sbo_targets is not None:
+            lengths = None
+            if attention_mask is not None and ops._values_checkable():
+                lengths = (attention_mask != 0).sum(1)
+            _validate_sbo_targets(sbo_targets, batch, seq, self.config, lengths, input_ids.device)
+            row, left, right, rel, label = sbo_targets.unbind(1)
+            sbo_hidden = heads.pair_target_predictions.represent(
+                flat, row * seq + left, row * seq + right, rel)
+            sbo_loss = ops.linear_cross_entropy(
+                sbo_hidden, embeddings, heads.pair_target_predictions.bias, label,
+                backend=self.backend)
+            if return_logits:
+                sbo_logits = F.linear(sbo_hidden, embeddings, heads.pair_target_predictions.bias)
+        if return_logits:
+            prediction_logits = F.linear(heads.predictions.transform_rows(hidden), embeddings,
+                                         heads.predictions.bias)
+        losses = [l for l in (mlm_loss, sbo_loss) if l is not None]
+        loss = sum(losses[1:], losses[0]) if losses else None
+        return SpanBertPreTrainingOutput(loss=loss, mlm_loss=mlm_loss, sbo_loss=sbo_loss,
+                                         prediction_logits=prediction_logits,
+                                         sbo_logits=sbo_logits, hidden_states=out.hidden_states)
+
+
+class SpanBertForQuestionAnswering(_SpanBertPreTrainedModel):
+    """Extractive QA: a linear layer gives start/end logits over the tokens.
+
+    Matches ``transformers.BertForQuestionAnswering`` (positions outside the sequence are
+    ignored in the loss; loss = mean of start and end cross-entropy), except that padded
+    positions get the lowest logit so they never take probability mass.
+    """
+
+    checkpoint_kind = "qa"
+
+    def __init__(self, config: SpanBertConfig, backend: str = "auto") -> None:
+        super().__init__(config, backend)
+        self.bert = SpanBertModel(config.replace(add_pooling_layer=False), backend)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self._init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        start_positions: Optional[torch.Tensor] = None,
+        end_positions: Optional[torch.Tensor] = None,
+        output_hidden_states: bool = False,
+    ) -> SpanBertQuestionAnsweringOutput:
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        output_hidden_states=output_hidden_states)
+        logits = self.qa_outputs(out.last_hidden_state)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        if attention_mask is not None:
+            pad = attention_mask == 0
+            lowest = torch.finfo(start_logits.dtype).min
+            start_logits = start_logits.masked_fill(pad, lowest)
+            end_logits = end_logits.masked_fill(pad, lowest)
+        loss = None
+        if start_positions is not None or end_positions is not None:
+            if start_positions is None or end_positions is None:
+                raise ValueError("start_positions and end_positions must be given together")
+            seq = start_logits.shape[1]
+            parts = []
+            for name, positions, logit in (("start_positions", start_positions, start_logits),
+                                           ("end_positions", end_positions, end_logits)):
+                if not isinstance(positions, torch.Tensor) or positions.is_floating_point():
+                    raise TypeError(f"{name} must be an integer tensor of shape (batch,)")
+                if positions.dim() > 1:
+                    positions = positions.squeeze(-1)
+                if tuple(positions.shape) != (start_logits.shape[0],):
+                    raise ValueError(f"{name} must have shape ({start_logits.shape[0]},), "
+                                     f"got {tuple(positions.shape)}")
+                # As transformers: positions outside [0, seq) are ignored.
+                positions = positions.clamp(0, seq)
+                parts.append(F.cross_entropy(logit.float(), positions, ignore_index=seq))
+            loss = (parts[0] + parts[1]) / 2
+        return SpanBertQuestionAnsweringOutput(loss=loss, start_logits=start_logits,
+                                               end_logits=end_logits,
+                                               hidden_states=out.hidden_states)

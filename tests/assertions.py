@@ -1,0 +1,44 @@
+"""Comparisons that say where they fail: worst index, count and share of mismatches,
+and NaN/inf disagreement (the habit STYLE.md asks for)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |actual - expected| / max |expected|``: the error relative to the tensor's
+    scale, so elements near zero do not blow it up. Computed in fp64."""
+    a = actual.detach().double()
+    e = expected.detach().double()
+    scale = e.abs().max().item() if e.numel() else 0.0
+    diff = (a - e).abs().max().item() if e.numel() else 0.0
+    return diff / max(scale, 1e-30)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, max_rel: float,
+                 name: str = "tensor") -> None:
+    """Fail unless shapes agree, NaN/inf sit at the same places, and
+    :func:`max_relative_error` <= ``max_rel``; the message locates the damage."""
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    a_bad, e_bad = ~torch.isfinite(a), ~torch.isfinite(e)
+    if not torch.equal(a_bad, e_bad):
+        where = (a_bad != e_bad).nonzero()[:5].tolist()
+        raise AssertionError(f"{name}: NaN/inf disagree at {int((a_bad != e_bad).sum())} "
+                             f"places, first {where}")
+    a = a.masked_fill(a_bad, 0.0)
+    e = e.masked_fill(e_bad, 0.0)
+    err = max_relative_error(a, e)
+    if err <= max_rel:
+        return
+    scale = max(e.abs().max().item(), 1e-30)
+    diff = (a - e).abs()
+    worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+    over = int((diff > max_rel * scale).sum())
+    raise AssertionError(
+        f"{name}: max relative error {err:.3e} > {max_rel:.1e}; worst at {worst}: "
+        f"got {a[worst].item():.6g}, expected {e[worst].item():.6g}; "
+        f"{over}/{diff.numel()} elements ({100.0 * over / max(diff.numel(), 1):.2f}%) over")

@@ -1,0 +1,126 @@
+"""Bad input to the models gives a ValueError/TypeError that names the argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spanbert_fast as sf
+
+
+@pytest.fixture(scope="module")
+def model():
+    return sf.SpanBertModel(sf.SpanBertConfig.tiny(max_position_embeddings=32), backend="torch").eval()
+
+
+@pytest.fixture(scope="module")
+def pretraining():
+    return sf.SpanBertForPreTraining(sf.SpanBertConfig.tiny(max_position_embeddings=32),
+                                     backend="torch").eval()
+
+
+def ids(batch=2, seq=8):
+    return torch.randint(0, 1000, (batch, seq))
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: ids() + 1000, ValueError, r"input_ids values must lie in \[0, 1000\)"),
+    (lambda: ids() - 1000, ValueError, r"input_ids values must lie in \[0, 1000\)"),
+    (lambda: ids(seq=40), ValueError, "longer than max_position_embeddings=32"),
+    (lambda: ids().float(), TypeError, "input_ids must be an integer tensor"),
+    (lambda: ids()[0], ValueError, r"input_ids must be 2-D \(batch, seq\)"),
+    (lambda: ids(batch=0), ValueError, "input_ids must hold at least one token"),
+    (lambda: ids().tolist(), TypeError, "input_ids must be a torch.Tensor"),
+])
+def test_bad_input_ids(model, make, error, match):
+    with pytest.raises(error, match=match):
+        model(make())
+
+
+def test_bad_attention_mask(model):
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(2, 8\)"):
+        model(ids(), attention_mask=torch.ones(2, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must hold only 0"):
+        model(ids(), attention_mask=torch.full((2, 8), 2))
+    with pytest.raises(TypeError, match="attention_mask must be a torch.Tensor"):
+        model(ids(), attention_mask=[[1] * 8] * 2)
+
+
+def test_bad_token_type_and_position_ids(model):
+    with pytest.raises(ValueError, match=r"token_type_ids values must lie in \[0, 2\)"):
+        model(ids(), token_type_ids=torch.full((2, 8), 2))
+    with pytest.raises(TypeError, match="token_type_ids must be an integer tensor"):
+        model(ids(), token_type_ids=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match=r"position_ids values must lie in \[0, 32\)"):
+        model(ids(), position_ids=torch.arange(30, 38).expand(2, 8))
+    with pytest.raises(ValueError, match="position_ids must have the shape of input_ids"):
+        model(ids(), position_ids=torch.arange(8))
+
+
+def test_bad_pretraining_targets(pretraining):
+    x = ids()
+    with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
+        pretraining(x, labels=torch.full((2, 7), -100))
+    with pytest.raises(TypeError, match="labels must be int64"):
+        pretraining(x, labels=torch.full((2, 8), -100, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"labels values must lie in \[0, 1000\)"):
+        labels = torch.full((2, 8), -100)
+        labels[0, 1] = 5000
+        pretraining(x, labels=labels)
+    with pytest.raises(ValueError, match=r"sbo_targets must have shape \(num_targets, 5\)"):
+        pretraining(x, sbo_targets=torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="sbo_targets must be int64"):
+        pretraining(x, sbo_targets=torch.zeros(3, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"sbo_targets\[:, 0\] \(row\) values must lie in \[0, 2\)"):
+        pretraining(x, sbo_targets=torch.tensor([[2, 1, 4, 0, 7]]))
+    with pytest.raises(ValueError, match=r"rel_pos\) values must lie in \[0, 15\)"):
+        pretraining(x, sbo_targets=torch.tensor([[0, 0, 7, 15, 7]]))
+    with pytest.raises(ValueError, match="strictly between its boundaries"):
+        pretraining(x, sbo_targets=torch.tensor([[0, 1, 3, 1, 7]]))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    with pytest.raises(ValueError, match="inside its row's unpadded length"):
+        pretraining(x, attention_mask=mask, sbo_targets=torch.tensor([[1, 1, 6, 0, 7]]))
+
+
+def test_bad_qa_positions():
+    qa = sf.SpanBertForQuestionAnswering(sf.SpanBertConfig.tiny(), backend="torch")
+    with pytest.raises(ValueError, match="start_positions and end_positions must be given together"):
+        qa(ids(), start_positions=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"start_positions must have shape \(2,\)"):
+        qa(ids(), start_positions=torch.tensor([1, 2, 3]), end_positions=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="end_positions must be an integer tensor"):
+        qa(ids(), start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([1.0, 2.0]))
+
+
+def test_bad_config_and_backend():
+    with pytest.raises(ValueError, match="hidden_size .* divisible by num_attention_heads"):
+        sf.SpanBertConfig(hidden_size=100, num_attention_heads=12)
+    with pytest.raises(ValueError, match="hidden_act must be one of"):
+        sf.SpanBertConfig(hidden_act="gelu_new")
+    with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
+        sf.SpanBertConfig.from_dict({"position_embedding_type": "relative_key"})
+    with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+        sf.SpanBertConfig(vocab_size=0)
+    with pytest.raises(TypeError, match="config must be a SpanBertConfig"):
+        sf.SpanBertModel({"hidden_size": 64})
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sf.SpanBertModel(sf.SpanBertConfig.tiny(), backend="cuda")
+
+
+def test_config_json_round_trip(tmp_path):
+    config = sf.SpanBertConfig.large(extra={"architectures": ["BertForMaskedLM"]})
+    config.to_json(tmp_path)
+    again = sf.SpanBertConfig.from_json(tmp_path)
+    assert again == config
+    assert (again.hidden_size, again.num_hidden_layers, again.num_attention_heads) == (1024, 24, 16)
+    assert again.vocab_size == 28996 and not again.add_pooling_layer
+    assert sf.SpanBertConfig.base().hidden_size == 768
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.BertConfig.from_pretrained(tmp_path)
+    assert (hf.hidden_size, hf.vocab_size, hf.layer_norm_eps) == (1024, 28996, 1e-12)
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        sf.SpanBertConfig.from_json(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        sf.SpanBertConfig.from_json(tmp_path / "bad.json")
