@@ -52,16 +52,31 @@ class BackendUnavailableError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------
-# Backend registry: the Triton kernels register here (kernel modules know nothing of it;
-# the adapters in this file do). Each entry maps an op name to (forward, backward).
+# Backend registry. A Triton kernel file ``kernels/<file>.py`` (installed as
+# ``spanbert_fast.kernels.<file>``) exposes two launchers that follow the op's argument
+# order: ``forward(*op_args) -> Tensor`` and
+# ``backward(grad_output, *op_args, needs_input_grad) -> list`` (one tensor per tensor
+# argument; a 0-element tensor where no gradient is wanted). The kernel files know nothing
+# of modules or of this registry; the table below maps each op to its file.
 # --------------------------------------------------------------------------------------
+_TRITON_KERNEL_FILES: Dict[str, str] = {
+    "attention": "attention",
+    "layer_norm": "layer_norm",
+    "bias_gelu": "gelu",
+    "span_boundary_head": "span_boundary",
+    "linear_cross_entropy": "cross_entropy",
+}
+# Attention saves its log-sum-exp for the backward, so it has its own launchers and
+# custom ops (flash_attention_forward/backward below) instead of the generic pair.
+_KERNEL_ENTRY_POINTS = {"attention": ("attention_forward", "attention_backward")}
 _KERNEL_IMPLS: Dict[str, Dict[str, Tuple[Callable, Callable]]] = {"triton": {}}
+_kernel_import_errors: Dict[str, str] = {}
 _triton_import_error: Optional[str] = None
 _triton_probed = False
 
 
 def _probe_triton() -> None:
-    """Import the Triton kernels once; remember why not if that fails."""
+    """Import triton and every kernel file once; remember why not where that fails."""
     global _triton_probed, _triton_import_error
     if _triton_probed:
         return
@@ -70,6 +85,22 @@ def _probe_triton() -> None:
         importlib.import_module("triton")
     except Exception as err:  # ImportError, or a broken install raising anything
         _triton_import_error = f"triton cannot be imported ({type(err).__name__}: {err})"
+        return
+    for op, file in _TRITON_KERNEL_FILES.items():
+        try:
+            module = importlib.import_module(f"spanbert_fast.kernels.{file}")
+        except ModuleNotFoundError as err:
+            if err.name == f"spanbert_fast.kernels.{file}":
+                continue  # not written yet: reported as "no Triton kernel" below
+            _kernel_import_errors[op] = f"{type(err).__name__}: {err}"
+            continue
+        except Exception as err:
+            _kernel_import_errors[op] = f"{type(err).__name__}: {err}"
+            continue
+        forward_name, backward_name = _KERNEL_ENTRY_POINTS.get(op, ("forward", "backward"))
+        if hasattr(module, forward_name) and hasattr(module, backward_name):
+            _KERNEL_IMPLS["triton"][op] = (getattr(module, forward_name),
+                                           getattr(module, backward_name))
 
 
 def _triton_reasons(op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
@@ -78,7 +109,10 @@ def _triton_reasons(op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
     reasons = []
     if _triton_import_error is not None:
         reasons.append(_triton_import_error)
-    if op not in _KERNEL_IMPLS["triton"]:
+    if op in _kernel_import_errors:
+        reasons.append(f"the Triton kernel for '{op}' failed to import "
+                       f"({_kernel_import_errors[op]})")
+    elif op not in _KERNEL_IMPLS["triton"] and _triton_import_error is None:
         reasons.append(f"no Triton kernel is implemented for '{op}' yet")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     for t in tensors:
@@ -88,6 +122,19 @@ def _triton_reasons(op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
                 "(or TRITON_INTERPRET=1 for the CPU interpreter)")
             break
     return reasons
+
+
+def _kernel_impl(backend: str, op: str) -> Tuple[Callable, Callable]:
+    """(forward, backward) launchers of ``op`` for ``backend``, imported on first use;
+    raises BackendUnavailableError with the reasons when they cannot be had."""
+    if backend != "triton":
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    _probe_triton()
+    impl = _KERNEL_IMPLS["triton"].get(op)
+    if impl is None:
+        reasons = _triton_reasons(op, [])
+        raise BackendUnavailableError(f"backend 'triton' cannot run {op}: " + "; ".join(reasons))
+    return impl
 
 
 def _describe(tensors: Sequence[torch.Tensor]) -> str:
@@ -193,13 +240,13 @@ def _register_op(name: str, schema_args: Sequence[Tuple[str, str]], reference_fn
         if backend == "torch":
             with torch.no_grad():
                 return reference_fn(*op_args).contiguous()
-        forward, _ = _KERNEL_IMPLS[backend][name]
+        forward, _ = _kernel_impl(backend, name)
         return forward(*op_args)
 
     def backward_impl(grad_output, *args):
         *op_args, needs, backend = args
         if backend != "torch":
-            _, backward = _KERNEL_IMPLS[backend][name]
+            _, backward = _kernel_impl(backend, name)
             return backward(grad_output, *op_args, needs)
         # Differentiate the reference: the ground truth a kernel must match. A custom op
         # runs below the autograd dispatch key, so torch.autograd would record nothing
@@ -321,6 +368,87 @@ _register_op(
 )
 
 
+def _is_right_padding(key_padding_mask: torch.Tensor) -> bool:
+    """True when every row of the (batch, seq) bool mask is ones followed by zeros."""
+    lengths = key_padding_mask.sum(dim=1)
+    positions = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)
+    return bool(torch.equal(key_padding_mask, positions.unsqueeze(0) < lengths.unsqueeze(1)))
+
+
+def _key_lengths_from_mask(key_padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(batch, seq) bool right-padding mask -> (batch,) int32 lengths; any other mask is
+    refused (the kernel reads lengths, not the mask)."""
+    if key_padding_mask is None:
+        return None
+    if not _is_right_padding(key_padding_mask):
+        raise ValueError(
+            "key_padding_mask must be a right-padding mask (ones, then zeros) for the Triton "
+            "attention kernel; this one has left padding or gaps. Use backend='torch', or the "
+            "packed layout (cu_seqlens) that unpads any mask.")
+    return key_padding_mask.sum(dim=1, dtype=torch.int32)
+
+
+def _lse_shape(q: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int):
+    if cu_seqlens is not None:
+        return (cu_seqlens.shape[0] - 1, q.shape[1], max_seqlen)
+    return (q.shape[0], q.shape[1], q.shape[2])
+
+
+@torch.library.custom_op("spanbert_fast::flash_attention_forward", mutates_args=())
+def _flash_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor], max_seqlen: int, softmax_scale: float,
+    dropout_p: float, seed: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    forward, _ = _kernel_impl("triton", "attention")
+    return forward(q, k, v, _key_lengths_from_mask(key_padding_mask), cu_seqlens, max_seqlen,
+                   softmax_scale, dropout_p, int(seed.item()))
+
+
+@_flash_attention_forward.register_fake
+def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed):
+    return (q.new_empty(q.shape),
+            q.new_empty(_lse_shape(q, cu_seqlens, max_seqlen), dtype=torch.float32))
+
+
+@torch.library.custom_op("spanbert_fast::flash_attention_backward", mutates_args=())
+def _flash_attention_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor], max_seqlen: int, softmax_scale: float,
+    dropout_p: float, seed: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, backward = _kernel_impl("triton", "attention")
+    return backward(dout, q, k, v, out, lse, _key_lengths_from_mask(key_padding_mask),
+                    cu_seqlens, max_seqlen, softmax_scale, dropout_p, int(seed.item()))
+
+
+@_flash_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale,
+      dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_attention_setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens, seed)
+    ctx.scalars = (max_seqlen, softmax_scale, dropout_p)
+
+
+def _flash_attention_autograd(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
+    max_seqlen, softmax_scale, dropout_p = ctx.scalars
+    dq, dk, dv = _flash_attention_backward(grad_out.contiguous(), q, k, v, out, lse,
+                                           key_padding_mask, cu_seqlens, max_seqlen,
+                                           softmax_scale, dropout_p, seed)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_flash_attention_forward.register_autograd(_flash_attention_autograd,
+                                           setup_context=_flash_attention_setup_context)
+
+
 def _run(name: str, backend: str, tensors: Sequence[torch.Tensor], args: tuple):
     chosen = resolve_backend(backend, name, [t for t in tensors if t is not None])
     if chosen == "torch":
@@ -390,8 +518,8 @@ def attention(
                     f"cu_seqlens must be non-decreasing with lengths <= max_seqlen={max_seqlen}, "
                     f"got lengths {lengths.tolist()[:16]}")
         scale = _resolve_scale(softmax_scale, q.shape[-1])
-        return _run("attention", backend, [q, k, v, cu_seqlens],
-                    (q, k, v, None, cu_seqlens, int(max_seqlen), scale, float(dropout_p)))
+        return _run_attention(backend, (q, k, v, None, cu_seqlens, int(max_seqlen), scale,
+                                         float(dropout_p)))
 
     if q.dim() != 4:
         raise ValueError("padded layout: q must be 4-D (batch, heads, seq, head_dim), "
@@ -419,8 +547,29 @@ def attention(
                    "torch reference (the fused kernel reads only padding lengths)")
         return reference.attention(q, k, v, key_padding_mask, None, 0, scale, float(dropout_p),
                                    attn_bias=attn_bias)
-    return _run("attention", backend, [q, k, v, key_padding_mask],
-                (q, k, v, key_padding_mask, None, 0, scale, float(dropout_p)))
+    return _run_attention(backend, (q, k, v, key_padding_mask, None, 0, scale, float(dropout_p)))
+
+
+def _run_attention(backend: str, args: tuple) -> torch.Tensor:
+    """Attention's dispatch: the Triton path goes through the flash-attention custom ops
+    (forward saves lse); masks the kernel cannot read fall back to the reference."""
+    q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p = args
+    chosen = resolve_backend(backend, "attention",
+                             [t for t in (q, k, v, key_padding_mask, cu_seqlens) if t is not None])
+    if chosen == "triton" and key_padding_mask is not None and _values_checkable() \
+            and not _is_right_padding(key_padding_mask):
+        _warn_once("left_padding", "attention: key_padding_mask is not right padding (ones "
+                   "then zeros), which the Triton kernel needs; running the torch reference")
+        chosen = "torch"
+    if chosen == "torch":
+        return reference.attention(*args)
+    # The dropout seed is drawn from torch's CPU generator: torch.manual_seed makes it
+    # reproducible, and the backward replays the same mask from it.
+    seed = (torch.randint(0, 2**31 - 1, (1,)) if dropout_p > 0.0
+            else torch.zeros(1, dtype=torch.int64))
+    out, _ = _flash_attention_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen,
+                                      scale, dropout_p, seed)
+    return out
 
 
 def _resolve_scale(softmax_scale: Optional[float], head_dim: int) -> float:

@@ -53,6 +53,7 @@ def attention(
     softmax_scale: Optional[float] = None,
     dropout_p: float = 0.0,
     attn_bias: Optional[torch.Tensor] = None,
+    upcast: bool = True,
 ) -> torch.Tensor:
     """Bidirectional scaled dot-product attention.
 
@@ -63,6 +64,9 @@ def attention(
     ``attn_bias`` (padded layout only) is an additive float mask broadcastable to
     ``(batch, heads, seq, seq)``. Dropout (``dropout_p`` > 0) is applied to the attention
     probabilities with torch's global RNG, as transformers' eager BERT does.
+
+    ``upcast=False`` computes in the input dtype (eager attention as plain torch runs it in
+    fp16/bf16): the baseline of STYLE.md's 2x rule for low-precision kernels.
 
     Returns the context in the layout of ``q``. Query rows whose keys are all masked
     get zeros.
@@ -81,12 +85,12 @@ def attention(
             return padded.view(batch, max_seqlen, heads, head_dim).transpose(1, 2)
 
         out = attention(to_padded(q), to_padded(k), to_padded(v), key_padding_mask=valid,
-                        softmax_scale=softmax_scale, dropout_p=dropout_p)
+                        softmax_scale=softmax_scale, dropout_p=dropout_p, upcast=upcast)
         out = out.transpose(1, 2).reshape(batch * max_seqlen, heads, head_dim)
         return out.index_select(0, flat_index)
 
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    acc = _compute_dtype(q.dtype)
+    acc = _compute_dtype(q.dtype) if upcast else q.dtype
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
     if attn_bias is not None:
         scores = scores + attn_bias.to(acc)

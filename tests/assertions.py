@@ -42,3 +42,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, max_rel: float
         f"{name}: max relative error {err:.3e} > {max_rel:.1e}; worst at {worst}: "
         f"got {a[worst].item():.6g}, expected {e[worst].item():.6g}; "
         f"{over}/{diff.numel()} elements ({100.0 * over / max(diff.numel(), 1):.2f}%) over")
+
+
+def assert_within_2x_of_torch(kernel: torch.Tensor, torch_same_dtype: torch.Tensor,
+                              oracle: torch.Tensor, *, name: str = "tensor",
+                              floor: float = 1e-6) -> None:
+    """STYLE.md's low-precision rule: the kernel's error against an fp64 (or fp32) oracle
+    must be at most 2x the error of plain torch in the same dtype against that oracle.
+
+    ``floor`` (relative to the oracle's scale) keeps the bound meaningful where torch
+    happens to be exact, e.g. when the low-precision result rounds identically.
+    """
+    torch_err = max_relative_error(torch_same_dtype, oracle)
+    bound = 2.0 * torch_err + floor
+    assert_close(kernel, oracle, max_rel=bound,
+                 name=f"{name} (torch's own error {torch_err:.2e}, bound 2x + {floor:.0e})")

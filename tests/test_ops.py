@@ -205,6 +205,11 @@ def test_unknown_backend_is_a_value_error():
 
 def test_explicit_triton_without_kernel_lists_every_reason(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # Simulate a build without any Triton kernel, whatever this checkout has.
+    monkeypatch.setattr(ops, "_triton_probed", True)
+    monkeypatch.setattr(ops, "_triton_import_error", None)
+    monkeypatch.setitem(ops._KERNEL_IMPLS, "triton", {})
+    monkeypatch.setattr(ops, "_kernel_import_errors", {})
     x = torch.randn(2, 4)
     with pytest.raises(ops.BackendUnavailableError) as err:
         ops.bias_gelu(x, torch.randn(4), backend="triton")
@@ -215,6 +220,7 @@ def test_explicit_triton_without_kernel_lists_every_reason(monkeypatch):
 
 
 def test_env_variable_forces_backend(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors then cannot run Triton
     x = torch.randn(2, 4)
     monkeypatch.setenv("SPANBERT_FAST_BACKEND", "triton")
     with pytest.raises(ops.BackendUnavailableError):

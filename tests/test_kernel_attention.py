@@ -1,0 +1,246 @@
+"""The Triton attention kernel against the reference, in the interpreter on CPU.
+
+Lengths {1, 7, 64, 127, 128, 130} sit in one batch (one-token rows, rows shorter than a
+tile, exactly one and two tiles, and partial last tiles); heads 1-4; head dims 32/64; fp32
+to 1e-5 of an fp64 oracle, fp16 by the 2x rule. Output buffers are poisoned with NaN
+before the kernel writes them. GPU-only tests (bf16, real sizes, the whole model against
+transformers) are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spanbert_fast import ops, reference
+from assertions import assert_close, assert_within_2x_of_torch
+
+attention_kernel = pytest.importorskip("spanbert_fast.kernels.attention")
+
+LENGTHS = (1, 7, 64, 127, 128, 130)
+FP32_REL = 1e-5
+
+
+def _inputs(layout, dtype, heads, head_dim, lengths=LENGTHS, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    batch, seq = len(lengths), max(lengths)
+    lengths_t = torch.tensor(lengths)
+    mask = torch.arange(seq).unsqueeze(0) < lengths_t.unsqueeze(1)
+    shape = (batch, heads, seq, head_dim)
+    q, k, v, dout = (torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(4))
+    if layout == "packed":
+        def pack(x):
+            return x.transpose(1, 2)[mask].contiguous()
+        q, k, v, dout = (pack(t) for t in (q, k, v, dout))
+    cu_seqlens = torch.nn.functional.pad(lengths_t.cumsum(0), (1, 0)).to(torch.int32)
+    return (q, k, v, dout), mask, cu_seqlens, seq
+
+
+def _layout_kwargs(layout, mask, cu_seqlens, seq):
+    if layout == "packed":
+        return dict(cu_seqlens=cu_seqlens, max_seqlen=seq)
+    return dict(key_padding_mask=mask)
+
+
+def _reference_with_grads(tensors, dtype, layout, mask, cu_seqlens, seq, upcast=True):
+    q, k, v, dout = (t.to(dtype).requires_grad_(i < 3) for i, t in enumerate(tensors))
+    kwargs = _layout_kwargs(layout, mask, cu_seqlens, seq)
+    if layout == "packed":
+        kwargs = dict(kwargs, max_seqlen=seq)
+    out = reference.attention(q, k, v, kwargs.get("key_padding_mask"), kwargs.get("cu_seqlens"),
+                              seq, None, 0.0, upcast=upcast)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    return (out, *grads)
+
+
+def _kernel_with_grads(tensors, dtype, layout, mask, cu_seqlens, seq):
+    """Launch forward and backward directly, into NaN-poisoned buffers."""
+    q, k, v, dout = (t.to(dtype) for t in tensors)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    lengths = mask.sum(1).to(torch.int32) if layout == "padded" else None
+    cu = cu_seqlens if layout == "packed" else None
+    out = torch.full_like(q, float("nan"))
+    out, lse = attention_kernel.attention_forward(q, k, v, lengths, cu, seq, scale, 0.0, 0, out=out)
+    grads_out = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    grads = attention_kernel.attention_backward(dout, q, k, v, out, lse, lengths, cu, seq,
+                                                scale, 0.0, 0, grads_out=grads_out)
+    return (out, *grads)
+
+
+CASES = [  # layout, dtype, heads, head_dim
+    ("padded", torch.float32, 2, 64),
+    ("packed", torch.float32, 3, 32),
+    ("padded", torch.float16, 1, 32),
+    ("packed", torch.float16, 4, 64),
+]
+
+
+@pytest.mark.parametrize("layout, dtype, heads, head_dim", CASES,
+                         ids=[f"{c[0]}-{str(c[1])[6:]}-h{c[2]}-d{c[3]}" for c in CASES])
+def test_forward_and_gradients_match_reference(layout, dtype, heads, head_dim):
+    tensors, mask, cu_seqlens, seq = _inputs(layout, dtype, heads, head_dim)
+    got = _kernel_with_grads(tensors, dtype, layout, mask, cu_seqlens, seq)
+    oracle = _reference_with_grads(tensors, torch.float64, layout, mask, cu_seqlens, seq)
+    names = ("out", "dq", "dk", "dv")
+    if dtype == torch.float32:
+        for name, g, o in zip(names, got, oracle):
+            assert_close(g, o, max_rel=FP32_REL, name=f"{layout} {name}")
+        return
+    plain = _reference_with_grads(tensors, dtype, layout, mask, cu_seqlens, seq, upcast=False)
+    for name, g, p, o in zip(names, got, plain, oracle):
+        assert_within_2x_of_torch(g, p, o, name=f"{layout} {name}")
+
+
+def test_rows_without_keys_give_zeros_and_zero_gradients():
+    # Padded: a row whose key length is 0. Packed: an empty sequence between two others.
+    tensors, mask, cu_seqlens, seq = _inputs("padded", torch.float32, 2, 32, lengths=(5, 0, 9))
+    out, dq, dk, dv = _kernel_with_grads(tensors, torch.float32, "padded", mask, cu_seqlens, seq)
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(t).all(), name
+        assert torch.count_nonzero(t[1]) == 0, f"{name} of the empty row must be zero"
+    tensors, mask, cu_seqlens, seq = _inputs("packed", torch.float32, 2, 32, lengths=(5, 0, 9))
+    got = _kernel_with_grads(tensors, torch.float32, "packed", mask, cu_seqlens, seq)
+    oracle = _reference_with_grads(tensors, torch.float64, "packed", mask, cu_seqlens, seq)
+    for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
+        assert_close(g, o, max_rel=FP32_REL, name=f"packed with empty sequence {name}")
+
+
+def test_odd_head_dim_is_masked_not_misread():
+    tensors, mask, cu_seqlens, seq = _inputs("padded", torch.float32, 2, 24, lengths=(7, 33))
+    got = _kernel_with_grads(tensors, torch.float32, "padded", mask, cu_seqlens, seq)
+    oracle = _reference_with_grads(tensors, torch.float64, "padded", mask, cu_seqlens, seq)
+    for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
+        assert_close(g, o, max_rel=FP32_REL, name=f"head_dim 24 {name}")
+
+
+# ---------------------------------------------------------------------------------------
+# Through the public op (custom op + autograd), as the model uses it
+# ---------------------------------------------------------------------------------------
+def test_public_op_triton_backend_with_autograd():
+    tensors, mask, cu_seqlens, seq = _inputs("padded", torch.float32, 2, 32, lengths=(7, 40, 33))
+    q, k, v, dout = (t.float().requires_grad_(i < 3) for i, t in enumerate(tensors))
+    # A non-contiguous view, as the model's (B, S, H, D) -> (B, H, S, D) transpose gives.
+    qt = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    out = ops.attention(qt, k, v, key_padding_mask=mask, backend="triton")
+    out.backward(dout)
+    oracle = _reference_with_grads(tensors, torch.float64, "padded", mask, cu_seqlens, seq)
+    for name, g, o in zip(("out", "dq", "dk", "dv"), (out, qt.grad, k.grad, v.grad), oracle):
+        assert_close(g, o, max_rel=FP32_REL, name=f"ops.attention triton {name}")
+
+
+def test_flash_attention_custom_op_passes_opcheck():
+    tensors, mask, cu_seqlens, seq = _inputs("packed", torch.float32, 1, 16, lengths=(3, 9))
+    q, k, v = (t.float().requires_grad_(True) for t in tensors[:3])
+    args = (q, k, v, None, cu_seqlens, seq, 0.25, 0.0, torch.zeros(1, dtype=torch.int64))
+    torch.library.opcheck(torch.ops.spanbert_fast.flash_attention_forward, args)
+
+
+def test_compile_fullgraph_over_triton_attention():
+    tensors, mask, cu_seqlens, seq = _inputs("padded", torch.float32, 1, 16, lengths=(3, 9))
+    q, k, v = (t.float() for t in tensors[:3])
+    q.requires_grad_(True)
+
+    def f(q, k, v, mask):
+        return ops.attention(q, k, v, key_padding_mask=mask, backend="triton").square().sum()
+
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, mask)
+    loss.backward()
+    expected_q = q.detach().clone().requires_grad_(True)
+    f(expected_q, k, v, mask).backward()
+    assert_close(q.grad, expected_q.grad, max_rel=FP32_REL, name="compiled dq")
+
+
+def test_left_padding_falls_back_to_reference_with_a_warning():
+    tensors, mask, cu_seqlens, seq = _inputs("padded", torch.float32, 1, 16, lengths=(3, 9))
+    q, k, v = (t.float() for t in tensors[:3])
+    left = mask.flip(1)
+    ops._warned.discard("left_padding")
+    with pytest.warns(UserWarning, match="not right padding"):
+        got = ops.attention(q, k, v, key_padding_mask=left, backend="triton")
+    assert_close(got, reference.attention(q, k, v, left), max_rel=FP32_REL, name="left padding")
+    # Inside the custom op (e.g. under torch.compile, where it cannot be checked first) the
+    # same mask is refused, never silently misread.
+    with pytest.raises(ValueError, match="right-padding mask"):
+        torch.ops.spanbert_fast.flash_attention_forward(q, k, v, left, None, seq, 0.25, 0.0,
+                                                        torch.zeros(1, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------------------------------
+# Dropout: kept fraction, determinism, gradients consistent with the forward's mask
+# ---------------------------------------------------------------------------------------
+DROP = 0.1
+
+
+def _recover_keep_mask(batch, heads, seq, seed):
+    """With q = k = 0 every key gets probability 1/seq; with v = identity, out[i, j] is
+    keep(i, j) / (seq * (1 - p)): the kernel's dropout mask, read back exactly."""
+    q = torch.zeros(batch, heads, seq, seq)
+    v = torch.eye(seq).expand(batch, heads, seq, seq).contiguous()
+    torch.manual_seed(seed)
+    out = ops.attention(q, q, v, dropout_p=DROP, backend="triton")
+    keep = out * seq * (1 - DROP)
+    assert torch.allclose(keep, keep.round(), atol=1e-4), "dropout must zero or rescale whole entries"
+    return keep.round()
+
+
+def test_dropout_keeps_the_expected_fraction_and_is_deterministic():
+    keep = _recover_keep_mask(2, 2, 64, seed=7)
+    fraction = keep.mean().item()
+    # 16384 Bernoulli(0.9) draws: standard deviation 0.0023; 4.3 sigma = 0.01.
+    assert abs(fraction - (1 - DROP)) < 0.01, fraction
+    assert torch.equal(keep, _recover_keep_mask(2, 2, 64, seed=7)), "same seed, same mask"
+    assert not torch.equal(keep, _recover_keep_mask(2, 2, 64, seed=8)), "new seed, new mask"
+    # Heads and batch rows draw different masks.
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+
+
+def test_dropout_gradients_match_the_forward_mask():
+    batch, heads, seq, head_dim = 2, 2, 40, 32
+    keep = _recover_keep_mask(batch, heads, seq, seed=11).double()
+    generator = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(batch, heads, seq, head_dim, generator=generator, dtype=torch.float64)
+                     for _ in range(4))
+    qf, kf, vf = (t.float().requires_grad_(True) for t in (q, k, v))
+    torch.manual_seed(11)  # the seed the mask was read back with
+    out = ops.attention(qf, kf, vf, dropout_p=DROP, backend="triton")
+    out.backward(dout.float())
+    # The same computation with the mask made explicit, differentiated in fp64.
+    qd, kd, vd = (t.clone().requires_grad_(True) for t in (q, k, v))
+    probs = torch.softmax(qd @ kd.transpose(-1, -2) / math.sqrt(head_dim), dim=-1)
+    expected = (probs * keep / (1 - DROP)) @ vd
+    expected.backward(dout)
+    for name, g, e in (("out", out, expected), ("dq", qf.grad, qd.grad), ("dk", kf.grad, kd.grad),
+                       ("dv", vf.grad, vd.grad)):
+        assert_close(g, e, max_rel=FP32_REL, name=f"dropout {name}")
+
+
+# ---------------------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_gpu_real_sizes_low_precision(layout, dtype, head_dim):
+    lengths = tuple(int(x) for x in torch.randint(64, 513, (8,), generator=torch.Generator().manual_seed(1)))
+    tensors, mask, cu_seqlens, seq = _inputs(layout, dtype, 16, head_dim, lengths=lengths)
+    tensors = tuple(t.cuda() for t in tensors)
+    mask, cu_seqlens = mask.cuda(), cu_seqlens.cuda()
+    got = _kernel_with_grads(tensors, dtype, layout, mask, cu_seqlens, seq)
+    oracle = _reference_with_grads(tensors, torch.float32, layout, mask, cu_seqlens, seq)
+    plain = _reference_with_grads(tensors, dtype, layout, mask, cu_seqlens, seq, upcast=False)
+    for name, g, p, o in zip(("out", "dq", "dk", "dv"), got, plain, oracle):
+        assert_within_2x_of_torch(g, p, o, name=f"gpu {layout} {dtype} {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_uses_ieee_dots():
+    tensors, mask, cu_seqlens, seq = _inputs("padded", torch.float32, 4, 64,
+                                             lengths=(512, 300, 77, 1))
+    tensors = tuple(t.cuda() for t in tensors)
+    got = _kernel_with_grads(tensors, torch.float32, "padded", mask.cuda(), cu_seqlens.cuda(), seq)
+    oracle = _reference_with_grads(tensors, torch.float64, "padded", mask.cuda(), cu_seqlens.cuda(), seq)
+    for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
+        assert_close(g, o, max_rel=FP32_REL, name=f"gpu fp32 {name}")
