@@ -21,6 +21,7 @@ from torch import nn
 
 from . import ops
 from .config import SpanBertConfig
+from .padding import Unpadded, pad_rows, unpad
 
 __all__ = [
     "SpanBertModel",
@@ -140,7 +141,23 @@ class SpanBertSelfAttention(nn.Module):
         self.dropout_p = config.attention_probs_dropout_prob
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                unpadded: Optional[Unpadded] = None) -> torch.Tensor:
+        """``x``: padded ``(batch, seq, hidden)`` with ``key_padding_mask``, or packed
+        ``(total_tokens, hidden)`` with ``unpadded`` (cu_seqlens)."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        width = self.num_heads * self.head_dim
+        if unpadded is not None:
+            tokens = x.shape[0]
+
+            def heads(t: torch.Tensor) -> torch.Tensor:
+                return t.view(tokens, self.num_heads, self.head_dim)
+
+            context = ops.attention(
+                heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
+                cu_seqlens=unpadded.cu_seqlens, max_seqlen=unpadded.max_seqlen,
+                dropout_p=dropout_p, backend=self.backend)
+            return context.reshape(tokens, width)
         batch, seq, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
@@ -148,9 +165,8 @@ class SpanBertSelfAttention(nn.Module):
 
         context = ops.attention(
             heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
-            key_padding_mask=key_padding_mask,
-            dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend)
-        return context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+            key_padding_mask=key_padding_mask, dropout_p=dropout_p, backend=self.backend)
+        return context.transpose(1, 2).reshape(batch, seq, width)
 
 
 class SpanBertAttention(nn.Module):
@@ -160,8 +176,9 @@ class SpanBertAttention(nn.Module):
         self.output = _Dense(config.hidden_size, config.hidden_size, config, backend, True)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        context = self.self(x, key_padding_mask)
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                unpadded: Optional[Unpadded] = None) -> torch.Tensor:
+        context = self.self(x, key_padding_mask, unpadded)
         return self.output.LayerNorm(self.dropout(self.output.dense(context)), residual=x)
 
 
@@ -174,8 +191,11 @@ class SpanBertLayer(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        attended = self.attention(x, key_padding_mask)
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                unpadded: Optional[Unpadded] = None) -> torch.Tensor:
+        """Row-wise except attention, so ``x`` may be padded ``(batch, seq, hidden)`` or
+        packed ``(total_tokens, hidden)``."""
+        attended = self.attention(x, key_padding_mask, unpadded)
         up = self.intermediate.dense
         inner = ops.bias_gelu(F.linear(attended, up.weight), up.bias, backend=self.backend)
         return self.output.LayerNorm(self.dropout(self.output.dense(inner)), residual=attended)
@@ -341,20 +361,49 @@ class SpanBertModel(_SpanBertPreTrainedModel):
             valid = attention_mask != 0
             if ops._values_checkable() and bool(valid.all()):
                 valid = None  # no padding: skip the masking work entirely
-        hidden = self.embeddings(input_ids, token_type_ids, position_ids)
-        keep = None if valid is None else valid.unsqueeze(-1).to(hidden.dtype)
         collected = [] if output_hidden_states else None
-        for layer in self.encoder.layer:
+        if self._runs_packed(input_ids):
+            hidden = self._encode_packed(input_ids, token_type_ids, position_ids, valid, collected)
+        else:
+            hidden = self.embeddings(input_ids, token_type_ids, position_ids)
+            keep = None if valid is None else valid.unsqueeze(-1).to(hidden.dtype)
+            for layer in self.encoder.layer:
+                if collected is not None:
+                    collected.append(hidden if keep is None else hidden * keep)
+                hidden = layer(hidden, valid)
+            if keep is not None:
+                hidden = hidden * keep
             if collected is not None:
-                collected.append(hidden if keep is None else hidden * keep)
-            hidden = layer(hidden, valid)
-        if keep is not None:
-            hidden = hidden * keep
-        if collected is not None:
-            collected.append(hidden)
+                collected.append(hidden)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return SpanBertModelOutput(last_hidden_state=hidden, pooler_output=pooled,
                                    hidden_states=tuple(collected) if collected is not None else None)
+
+
+    def _runs_packed(self, input_ids: torch.Tensor) -> bool:
+        """The padding-free path runs where attention runs on Triton. Under torch.compile
+        the padded path is kept: unpadding has a data-dependent size (total tokens)."""
+        if torch.compiler.is_compiling():
+            return False
+        return ops.resolve_backend(self.backend, "attention", [input_ids]) == "triton"
+
+    def _encode_packed(self, input_ids, token_type_ids, position_ids, valid, collected):
+        """Unpad once before the embeddings, run every layer on (total_tokens, hidden) with
+        the packed attention, repad once at the end (zeros at padded positions)."""
+        where = unpad(valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool))
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(-1).index_select(0, where.indices)
+
+        hidden = self.embeddings(gather(input_ids), gather(token_type_ids), gather(position_ids))
+        for layer in self.encoder.layer:
+            if collected is not None:
+                collected.append(pad_rows(hidden, where))
+            hidden = layer(hidden, None, where)
+        hidden = pad_rows(hidden, where)
+        if collected is not None:
+            collected.append(hidden)
+        return hidden
 
 
 class SpanBertLMPredictionHead(nn.Module):
