@@ -18,6 +18,7 @@ from .modeling import (
     SpanBertQuestionAnsweringOutput,
 )
 from . import ops
+from .accelerate import AccelerationError, accelerate, is_accelerated
 
 __version__ = "0.1.0"
 
@@ -31,5 +32,8 @@ __all__ = [
     "SpanBertQuestionAnsweringOutput",
     "SBO_TARGET_FIELDS",
     "ops",
+    "accelerate",
+    "is_accelerated",
+    "AccelerationError",
     "__version__",
 ]

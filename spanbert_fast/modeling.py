@@ -337,6 +337,9 @@ class SpanBertModel(_SpanBertPreTrainedModel):
         self.pooler = SpanBertPooler(config) if config.add_pooling_layer else None
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings),
                              persistent=False)
+        # Set by spanbert_fast.accelerate(padding="exact"): compute padded positions as
+        # transformers does (no padding-free path, no zeroing) for heads that read them.
+        self._keep_padded_rows = False
         self._init_weights()
 
     def forward(
@@ -362,11 +365,13 @@ class SpanBertModel(_SpanBertPreTrainedModel):
             if ops._values_checkable() and bool(valid.all()):
                 valid = None  # no padding: skip the masking work entirely
         collected = [] if output_hidden_states else None
-        if self._runs_packed(input_ids):
+        if not self._keep_padded_rows and self._runs_packed(input_ids):
             hidden = self._encode_packed(input_ids, token_type_ids, position_ids, valid, collected)
         else:
             hidden = self.embeddings(input_ids, token_type_ids, position_ids)
-            keep = None if valid is None else valid.unsqueeze(-1).to(hidden.dtype)
+            keep = None
+            if valid is not None and not self._keep_padded_rows:
+                keep = valid.unsqueeze(-1).to(hidden.dtype)
             for layer in self.encoder.layer:
                 if collected is not None:
                     collected.append(hidden if keep is None else hidden * keep)

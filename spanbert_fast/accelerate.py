@@ -1,0 +1,172 @@
+"""``accelerate(hf_model)``: run an existing transformers BERT's encoder on our ops, in place.
+
+For people who keep transformers (its heads, its ``Trainer``, its checkpoints): every
+``transformers.BertModel`` inside ``hf_model`` (``BertModel`` itself, or the ``.bert`` of
+``BertForPreTraining``, ``BertForQuestionAnswering``, ``BertForMaskedLM``, ...) gets a
+``forward`` that runs :class:`spanbert_fast.SpanBertModel` on the **same Parameter
+objects**: the optimizer, ``state_dict``/``save_pretrained`` and ``Trainer`` see exactly the
+parameters they saw before, and training updates both at once.
+
+What is honoured and what is not, said out loud rather than silently changed:
+
+* The padding mask reaches the fused kernel (it is read from ``attention_mask``, not from
+  transformers' 4-D additive mask).
+* ``padding="exact"`` (default) computes padded positions exactly as transformers does
+  (padded query rows attend to the real keys), so heads that read them (transformers' QA
+  loss does) get the same numbers. ``padding="packed"`` runs the padding-free path (faster:
+  no work on padding) and returns zeros at padded positions.
+* Per call, arguments the fused path does not implement (``output_attentions=True``,
+  ``inputs_embeds``, ``head_mask``, cross-attention inputs, caches) run transformers' own
+  forward for that call, with a one-time warning naming the argument.
+* Configs we cannot represent (relative position embeddings, decoders, an activation other
+  than exact GELU, ...) are refused by ``accelerate`` with a ValueError listing every reason.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from .config import SpanBertConfig
+from .modeling import SpanBertModel
+
+__all__ = ["accelerate", "is_accelerated", "AccelerationError"]
+
+_ATTR = "_spanbert_fast_encoder"
+_PADDING_MODES = ("exact", "packed")
+
+
+class AccelerationError(ValueError):
+    """The model (or its config) cannot be accelerated; the message lists why."""
+
+
+def _is_bert_model(module: nn.Module) -> bool:
+    try:
+        from transformers import BertModel
+    except ImportError:  # accelerate() is only useful with transformers installed
+        return False
+    return isinstance(module, BertModel)
+
+
+def _config_reasons(hf_config) -> List[str]:
+    reasons = []
+    position = getattr(hf_config, "position_embedding_type", "absolute")
+    if position not in (None, "absolute"):
+        reasons.append(f"position_embedding_type={position!r} (only absolute positions run fused)")
+    if getattr(hf_config, "is_decoder", False):
+        reasons.append("is_decoder=True (SpanBERT is a bidirectional encoder)")
+    if getattr(hf_config, "add_cross_attention", False):
+        reasons.append("add_cross_attention=True")
+    act = getattr(hf_config, "hidden_act", "gelu")
+    if act != "gelu":
+        reasons.append(f"hidden_act={act!r} (the fused path implements exact erf GELU)")
+    if getattr(hf_config, "chunk_size_feed_forward", 0):
+        reasons.append("chunk_size_feed_forward != 0")
+    return reasons
+
+
+def _shared_encoder(bert: nn.Module, backend: str) -> SpanBertModel:
+    """A SpanBertModel whose parameters ARE the transformers model's parameters."""
+    values: Dict[str, Any] = bert.config.to_dict()
+    values["add_pooling_layer"] = getattr(bert, "pooler", None) is not None
+    config = SpanBertConfig.from_dict(values)
+    with torch.device("meta"):  # no memory for weights that are replaced right away
+        ours = SpanBertModel(config, backend=backend)
+    theirs = dict(bert.named_parameters())
+    missing = [name for name, _ in ours.named_parameters() if name not in theirs]
+    if missing:
+        raise AccelerationError(f"the transformers model lacks parameters {missing[:10]}")
+    for name, _ in list(ours.named_parameters()):
+        owner_name, _, leaf = name.rpartition(".")
+        setattr(ours.get_submodule(owner_name), leaf, theirs[name])
+    device = next(iter(theirs.values())).device
+    ours.position_ids = torch.arange(config.max_position_embeddings, device=device)
+    ours._keep_padded_rows = False
+    return ours
+
+
+def _unsupported_arguments(kwargs: Dict[str, Any]) -> List[str]:
+    checks = {
+        "output_attentions": "the fused kernel never materialises attention probabilities",
+        "inputs_embeds": "the fused path embeds input_ids itself",
+        "head_mask": "head masking is not fused",
+        "encoder_hidden_states": "cross-attention is not fused",
+        "encoder_attention_mask": "cross-attention is not fused",
+        "past_key_values": "caches belong to decoders",
+        "use_cache": "caches belong to decoders",
+    }
+    return [f"{name} ({why})" for name, why in checks.items() if kwargs.get(name)]
+
+
+def _accelerated_forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
+                         position_ids=None, **kwargs):
+    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+    output_attentions = kwargs.get("output_attentions")
+    if output_attentions is None:
+        output_attentions = getattr(self.config, "output_attentions", False)
+    unsupported = _unsupported_arguments(dict(kwargs, output_attentions=output_attentions))
+    if input_ids is None:
+        unsupported.append("input_ids=None")
+    if unsupported:
+        key = tuple(unsupported)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn("spanbert_fast.accelerate: running transformers' own BertModel.forward "
+                          "for this call because of " + ", ".join(unsupported), stacklevel=2)
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids, position_ids=position_ids,
+                                  **kwargs)
+    ours: SpanBertModel = getattr(self, _ATTR)
+    ours.train(self.training)
+    output_hidden_states = kwargs.get("output_hidden_states")
+    if output_hidden_states is None:
+        output_hidden_states = getattr(self.config, "output_hidden_states", False)
+    out = ours(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+               position_ids=position_ids, output_hidden_states=bool(output_hidden_states))
+    result = BaseModelOutputWithPoolingAndCrossAttentions(
+        last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output,
+        hidden_states=out.hidden_states)
+    if kwargs.get("return_dict") is False:
+        return result.to_tuple()
+    return result
+
+
+_warned: set = set()
+
+
+def accelerate(hf_model: nn.Module, *, backend: str = "auto", padding: str = "exact") -> nn.Module:
+    """Make every ``transformers.BertModel`` inside ``hf_model`` run on spanbert_fast's ops.
+
+    Returns ``hf_model`` itself (modified in place). ``backend``: ``auto``/``torch``/``triton``
+    as for the models. ``padding``: ``"exact"`` (transformers' values at padded positions)
+    or ``"packed"`` (padding-free, zeros at padded positions). Raises
+    :class:`AccelerationError` listing every reason when the model cannot be accelerated.
+    """
+    if not isinstance(hf_model, nn.Module):
+        raise TypeError(f"hf_model must be a transformers BERT model, got {type(hf_model).__name__}")
+    if padding not in _PADDING_MODES:
+        raise ValueError(f"padding must be one of {_PADDING_MODES}, got {padding!r}")
+    berts = [m for m in hf_model.modules() if _is_bert_model(m)]
+    if not berts:
+        raise AccelerationError(f"{type(hf_model).__name__} contains no transformers.BertModel "
+                                "to accelerate")
+    reasons = [f"{type(b).__name__}: {r}" for b in berts for r in _config_reasons(b.config)]
+    if reasons:
+        raise AccelerationError("cannot accelerate this model:\n  - " + "\n  - ".join(reasons))
+    for bert in berts:
+        ours = _shared_encoder(bert, backend)
+        ours._keep_padded_rows = padding == "exact"
+        # Stored outside nn.Module's registry so state_dict()/parameters() are unchanged.
+        object.__setattr__(bert, _ATTR, ours)
+        bert.forward = types.MethodType(_accelerated_forward, bert)
+    return hf_model
+
+
+def is_accelerated(module: nn.Module) -> bool:
+    """True when ``module`` (or a BertModel inside it) runs on spanbert_fast."""
+    return any(hasattr(m, _ATTR) for m in module.modules())
