@@ -66,10 +66,15 @@ _TRITON_KERNEL_FILES: Dict[str, str] = {
     "span_boundary_head": "span_boundary",
     "linear_cross_entropy": "cross_entropy",
 }
-# Attention saves its log-sum-exp for the backward, so it has its own launchers and
-# custom ops (flash_attention_forward/backward below) instead of the generic pair.
-_KERNEL_ENTRY_POINTS = {"attention": ("attention_forward", "attention_backward")}
-_KERNEL_IMPLS: Dict[str, Dict[str, Tuple[Callable, Callable]]] = {"triton": {}}
+# Entry points each kernel file must export. Attention saves its log-sum-exp for the
+# backward and the fused linear cross-entropy computes its gradients during the forward,
+# so both have dedicated custom ops (flash_attention_*, fused_linear_cross_entropy below)
+# besides the generic pair.
+_KERNEL_ENTRY_POINTS: Dict[str, Tuple[str, ...]] = {
+    "attention": ("attention_forward", "attention_backward"),
+    "linear_cross_entropy": ("linear_cross_entropy_forward", "forward", "backward"),
+}
+_KERNEL_MODULES: Dict[str, object] = {}
 _kernel_import_errors: Dict[str, str] = {}
 _triton_import_error: Optional[str] = None
 _triton_probed = False
@@ -97,10 +102,12 @@ def _probe_triton() -> None:
         except Exception as err:
             _kernel_import_errors[op] = f"{type(err).__name__}: {err}"
             continue
-        forward_name, backward_name = _KERNEL_ENTRY_POINTS.get(op, ("forward", "backward"))
-        if hasattr(module, forward_name) and hasattr(module, backward_name):
-            _KERNEL_IMPLS["triton"][op] = (getattr(module, forward_name),
-                                           getattr(module, backward_name))
+        needed = _KERNEL_ENTRY_POINTS.get(op, ("forward", "backward"))
+        missing = [name for name in needed if not hasattr(module, name)]
+        if missing:
+            _kernel_import_errors[op] = f"spanbert_fast.kernels.{file} lacks {missing}"
+        else:
+            _KERNEL_MODULES[op] = module
 
 
 def _triton_reasons(op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
@@ -112,7 +119,7 @@ def _triton_reasons(op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
     if op in _kernel_import_errors:
         reasons.append(f"the Triton kernel for '{op}' failed to import "
                        f"({_kernel_import_errors[op]})")
-    elif op not in _KERNEL_IMPLS["triton"] and _triton_import_error is None:
+    elif op not in _KERNEL_MODULES and _triton_import_error is None:
         reasons.append(f"no Triton kernel is implemented for '{op}' yet")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     for t in tensors:
@@ -124,17 +131,15 @@ def _triton_reasons(op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
     return reasons
 
 
-def _kernel_impl(backend: str, op: str) -> Tuple[Callable, Callable]:
-    """(forward, backward) launchers of ``op`` for ``backend``, imported on first use;
-    raises BackendUnavailableError with the reasons when they cannot be had."""
-    if backend != "triton":
-        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+def _kernel_module(op: str):
+    """The Triton kernel module of ``op``, imported on first use; raises
+    BackendUnavailableError with the reasons when it cannot be had."""
     _probe_triton()
-    impl = _KERNEL_IMPLS["triton"].get(op)
-    if impl is None:
-        reasons = _triton_reasons(op, [])
-        raise BackendUnavailableError(f"backend 'triton' cannot run {op}: " + "; ".join(reasons))
-    return impl
+    module = _KERNEL_MODULES.get(op)
+    if module is None:
+        raise BackendUnavailableError(f"backend 'triton' cannot run {op}: "
+                                      + "; ".join(_triton_reasons(op, [])))
+    return module
 
 
 def _describe(tensors: Sequence[torch.Tensor]) -> str:
@@ -240,14 +245,12 @@ def _register_op(name: str, schema_args: Sequence[Tuple[str, str]], reference_fn
         if backend == "torch":
             with torch.no_grad():
                 return reference_fn(*op_args).contiguous()
-        forward, _ = _kernel_impl(backend, name)
-        return forward(*op_args)
+        return _kernel_module(name).forward(*op_args)
 
     def backward_impl(grad_output, *args):
         *op_args, needs, backend = args
         if backend != "torch":
-            _, backward = _kernel_impl(backend, name)
-            return backward(grad_output, *op_args, needs)
+            return _kernel_module(name).backward(grad_output, *op_args, needs)
         # Differentiate the reference: the ground truth a kernel must match. A custom op
         # runs below the autograd dispatch key, so torch.autograd would record nothing
         # here; torch.func.vjp carries its own differentiation level and works.
@@ -400,8 +403,7 @@ def _flash_attention_forward(
     cu_seqlens: Optional[torch.Tensor], max_seqlen: int, softmax_scale: float,
     dropout_p: float, seed: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    forward, _ = _kernel_impl("triton", "attention")
-    return forward(q, k, v, _key_lengths_from_mask(key_padding_mask), cu_seqlens, max_seqlen,
+    return _kernel_module("attention").attention_forward(q, k, v, _key_lengths_from_mask(key_padding_mask), cu_seqlens, max_seqlen,
                    softmax_scale, dropout_p, int(seed.item()))
 
 
@@ -418,8 +420,7 @@ def _flash_attention_backward(
     cu_seqlens: Optional[torch.Tensor], max_seqlen: int, softmax_scale: float,
     dropout_p: float, seed: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, backward = _kernel_impl("triton", "attention")
-    return backward(dout, q, k, v, out, lse, _key_lengths_from_mask(key_padding_mask),
+    return _kernel_module("attention").attention_backward(dout, q, k, v, out, lse, _key_lengths_from_mask(key_padding_mask),
                     cu_seqlens, max_seqlen, softmax_scale, dropout_p, int(seed.item()))
 
 
@@ -447,6 +448,54 @@ def _flash_attention_autograd(ctx, grad_out, grad_lse):
 
 _flash_attention_forward.register_autograd(_flash_attention_autograd,
                                            setup_context=_flash_attention_setup_context)
+
+
+@torch.library.custom_op("spanbert_fast::fused_linear_cross_entropy", mutates_args=())
+def _fused_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    labels: torch.Tensor, ignore_index: int, need_grads: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d loss/d hidden, d loss/d weight, d loss/d bias); empty grads when not needed."""
+    loss, grad_hidden, grad_weight, grad_bias = _kernel_module(
+        "linear_cross_entropy").linear_cross_entropy_forward(hidden, weight, bias, labels,
+                                                             ignore_index, need_grads)
+    empty = hidden.new_empty(0)
+    return (loss, grad_hidden if grad_hidden is not None else empty,
+            grad_weight if grad_weight is not None else empty,
+            grad_bias if grad_bias is not None else empty)
+
+
+@_fused_linear_cross_entropy.register_fake
+def _(hidden, weight, bias, labels, ignore_index, need_grads):
+    loss = hidden.new_empty((), dtype=torch.float32)
+    if not need_grads:
+        empty = hidden.new_empty(0)
+        return loss, empty, empty, empty
+    grad_bias = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
+    return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+
+
+def _fused_ce_setup_context(ctx, inputs, output):
+    _, grad_hidden, grad_weight, grad_bias = output
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    ctx.has_bias = inputs[2] is not None
+
+
+def _fused_ce_autograd(ctx, grad_loss, _gh, _gw, _gb):
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    scale = grad_loss.to(torch.float32)
+    grads = [None, None, None]
+    if ctx.needs_input_grad[0]:
+        grads[0] = (grad_hidden * scale).to(grad_hidden.dtype)
+    if ctx.needs_input_grad[1]:
+        grads[1] = (grad_weight * scale).to(grad_weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grads[2] = (grad_bias * scale).to(grad_bias.dtype)
+    return grads[0], grads[1], grads[2], None, None, None
+
+
+_fused_linear_cross_entropy.register_autograd(_fused_ce_autograd,
+                                              setup_context=_fused_ce_setup_context)
 
 
 def _run(name: str, backend: str, tensors: Sequence[torch.Tensor], args: tuple):
@@ -712,5 +761,11 @@ def linear_cross_entropy(
     if labels.numel() and _values_checkable():
         valid = labels[labels != ignore_index]
         _check_index_range("labels", valid, 0, weight.shape[0])
-    return _run("linear_cross_entropy", backend, [hidden, weight, bias, labels],
-                (hidden, weight, bias, labels, int(ignore_index)))
+    chosen = resolve_backend(backend, "linear_cross_entropy",
+                             [t for t in (hidden, weight, bias, labels) if t is not None])
+    if chosen == "torch":
+        return reference.linear_cross_entropy(hidden, weight, bias, labels, int(ignore_index))
+    need_grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _fused_linear_cross_entropy(hidden, weight, bias, labels, int(ignore_index),
+                                       need_grads)[0]

@@ -208,7 +208,7 @@ def test_explicit_triton_without_kernel_lists_every_reason(monkeypatch):
     # Simulate a build without any Triton kernel, whatever this checkout has.
     monkeypatch.setattr(ops, "_triton_probed", True)
     monkeypatch.setattr(ops, "_triton_import_error", None)
-    monkeypatch.setitem(ops._KERNEL_IMPLS, "triton", {})
+    monkeypatch.setattr(ops, "_KERNEL_MODULES", {})
     monkeypatch.setattr(ops, "_kernel_import_errors", {})
     x = torch.randn(2, 4)
     with pytest.raises(ops.BackendUnavailableError) as err:
