@@ -1,0 +1,227 @@
+"""Whole-model parity against transformers 5.23, fp32, CPU.
+
+Random weights are built by transformers itself (every LayerNorm and bias perturbed, so no
+parameter sits at its 0/1 initial value by accident), saved with ``save_pretrained`` and
+loaded by ``spanbert_fast``. Outputs at real (unpadded) positions and the gradient of a
+scalar loss with respect to every parameter must match to 1e-5 max relative error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import spanbert_fast as sf  # noqa: E402
+from assertions import assert_close  # noqa: E402
+
+MAX_REL = 1e-5
+VOCAB, HIDDEN, LAYERS, HEADS, INTER, MAX_POS = 120, 48, 2, 4, 96, 40
+SEQ = 16
+LENGTHS = (1, 7, SEQ)  # a one-token row, a short row, a full row
+
+
+def hf_config(attn: str, **overrides):
+    values = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, intermediate_size=INTER,
+                  max_position_embeddings=MAX_POS, attn_implementation=attn)
+    values.update(overrides)
+    return transformers.BertConfig(**values)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2
+                        + (1.0 if name.endswith("LayerNorm.weight") else 0.0))
+    return model.eval()
+
+
+def make_batch(seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(LENGTHS)
+    input_ids = torch.randint(1, VOCAB, (batch, SEQ), generator=generator)
+    attention_mask = torch.zeros(batch, SEQ, dtype=torch.long)
+    for row, length in enumerate(LENGTHS):
+        attention_mask[row, :length] = 1
+    token_type_ids = torch.randint(0, 2, (batch, SEQ), generator=generator)
+    # Position ids that are not simply arange: a per-row offset, as for a window into text.
+    offsets = torch.randint(0, MAX_POS - SEQ, (batch, 1), generator=generator)
+    position_ids = torch.arange(SEQ).unsqueeze(0) + offsets
+    return input_ids, attention_mask, token_type_ids, position_ids
+
+
+def valid_rows(t: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return t[attention_mask.bool()]
+
+
+# Some gradients are exactly zero in exact arithmetic: softmax ignores a constant added to
+# a whole row, so the attention key bias gets none, and in the QA model the last LayerNorm
+# bias gets none (the loss is a softmax over positions fed by one shared linear). Both
+# sides then hold rounding noise (~1e-8), which a relative comparison cannot judge. A
+# gradient whose reference is below NUMERICALLY_ZERO of the model's largest gradient must
+# therefore be below MAX_REL of that largest gradient on our side; every other gradient is
+# compared at MAX_REL of its own scale.
+NUMERICALLY_ZERO = 1e-4
+
+
+def compare_param_grads(ours: torch.nn.Module, theirs: torch.nn.Module,
+                        skip_prefix: str = "\0") -> int:
+    their_grads = {n: p.grad for n, p in theirs.named_parameters()}
+    largest = max(g.abs().max().item() for g in their_grads.values() if g is not None)
+    checked = 0
+    for name, param in ours.named_parameters():
+        if name.startswith(skip_prefix):
+            continue
+        expected = their_grads[name]
+        assert param.grad is not None, f"no gradient reached {name}"
+        if expected.abs().max().item() < NUMERICALLY_ZERO * largest:
+            got = param.grad.abs().max().item()
+            assert got <= MAX_REL * largest, (
+                f"grad {name} is ~0 in the reference ({expected.abs().max().item():.2e}) but "
+                f"{got:.2e} here (bound {MAX_REL * largest:.2e})")
+        else:
+            assert_close(param.grad, expected, max_rel=MAX_REL, name=f"grad {name}")
+        checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("with_types_and_positions", [False, True])
+def test_bert_model_parity(tmp_path, attn, with_types_and_positions):
+    hf = randomize(transformers.BertModel(hf_config(attn)), seed=3)
+    hf.save_pretrained(tmp_path)
+    ours = sf.SpanBertModel.from_pretrained(tmp_path, backend="torch")
+    assert ours.pooler is not None, "a BertModel checkpoint with a pooler must load one"
+    input_ids, mask, types, positions = make_batch()
+    kwargs = dict(token_type_ids=types, position_ids=positions) if with_types_and_positions else {}
+
+    expected = hf(input_ids, attention_mask=mask, output_hidden_states=True, **kwargs)
+    got = ours(input_ids, attention_mask=mask, output_hidden_states=True, **kwargs)
+    assert_close(valid_rows(got.last_hidden_state, mask),
+                 valid_rows(expected.last_hidden_state, mask), max_rel=MAX_REL,
+                 name="last_hidden_state")
+    assert_close(got.pooler_output, expected.pooler_output, max_rel=MAX_REL, name="pooler_output")
+    assert len(got.hidden_states) == len(expected.hidden_states) == LAYERS + 1
+    for i, (g, e) in enumerate(zip(got.hidden_states, expected.hidden_states)):
+        assert_close(valid_rows(g, mask), valid_rows(e, mask), max_rel=MAX_REL,
+                     name=f"hidden_states[{i}]")
+    # Padded positions are zeros by contract.
+    assert torch.count_nonzero(got.last_hidden_state[~mask.bool()]) == 0
+
+    # Gradients of a scalar loss over real positions and the pooler, for every parameter.
+    weights = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(5))
+    def scalar(out):
+        return ((valid_rows(out.last_hidden_state, mask) * weights).sum()
+                + (out.pooler_output * weights).sum())
+    scalar(hf(input_ids, attention_mask=mask, **kwargs)).backward()
+    scalar(ours(input_ids, attention_mask=mask, **kwargs)).backward()
+    assert compare_param_grads(ours, hf) == len(list(hf.parameters()))
+
+
+def test_no_mask_equals_full_mask(tmp_path):
+    hf = randomize(transformers.BertModel(hf_config("sdpa")), seed=4)
+    hf.save_pretrained(tmp_path)
+    ours = sf.SpanBertModel.from_pretrained(tmp_path, backend="torch")
+    input_ids = make_batch()[0]
+    expected = hf(input_ids).last_hidden_state
+    assert_close(ours(input_ids).last_hidden_state, expected, max_rel=MAX_REL, name="no mask")
+    ones = torch.ones_like(input_ids)
+    assert_close(ours(input_ids, attention_mask=ones).last_hidden_state, expected,
+                 max_rel=MAX_REL, name="all-ones mask")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_pretraining_mlm_parity(tmp_path, attn):
+    """MLM logits and the MLM loss match BertForPreTraining; gradients of the MLM loss too.
+
+    transformers' BertForPreTraining adds the NSP head, which SpanBERT does not have: its
+    weights are ignored on load, and its loss is left out by comparing the MLM part only.
+    """
+    hf = randomize(transformers.BertForPreTraining(hf_config(attn)), seed=6)
+    hf.tie_weights()
+    hf.save_pretrained(tmp_path)
+    ours = sf.SpanBertForPreTraining.from_pretrained(tmp_path, backend="torch", strict=False)
+    input_ids, mask, types, positions = make_batch(seed=2)
+    labels = torch.full_like(input_ids, -100)
+    masked = mask.bool() & (torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(7)) < 0.5)
+    masked[2, 3] = True
+    labels[masked] = input_ids[masked]
+
+    expected = hf(input_ids, attention_mask=mask, token_type_ids=types, position_ids=positions)
+    got = ours(input_ids, attention_mask=mask, token_type_ids=types, position_ids=positions,
+               labels=labels, return_logits=True)
+    assert_close(valid_rows(got.prediction_logits, mask),
+                 valid_rows(expected.prediction_logits, mask), max_rel=MAX_REL,
+                 name="prediction_logits")
+    expected_mlm = torch.nn.functional.cross_entropy(
+        expected.prediction_logits.reshape(-1, VOCAB), labels.reshape(-1))
+    assert_close(got.mlm_loss, expected_mlm, max_rel=MAX_REL, name="mlm_loss")
+    assert got.sbo_loss is None and torch.equal(got.loss, got.mlm_loss)
+
+    expected_mlm.backward()
+    got.mlm_loss.backward()
+    for name, param in ours.named_parameters():
+        if name.startswith("cls.pair_target_predictions."):
+            assert param.grad is None, f"{name} got a gradient without SBO targets"
+    compare_param_grads(ours, hf, skip_prefix="cls.pair_target_predictions.")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_question_answering_parity(tmp_path, attn):
+    hf = randomize(transformers.BertForQuestionAnswering(hf_config(attn)), seed=8)
+    hf.save_pretrained(tmp_path)
+    ours = sf.SpanBertForQuestionAnswering.from_pretrained(tmp_path, backend="torch")
+    input_ids, mask, types, positions = make_batch(seed=3)
+    start = torch.tensor([0, 5, 12])
+    end = torch.tensor([0, 6, 40])  # 40 lies outside the sequence: ignored, as transformers does
+    kwargs = dict(token_type_ids=types, position_ids=positions)
+
+    expected = hf(input_ids, attention_mask=mask, **kwargs)
+    got = ours(input_ids, attention_mask=mask, start_positions=start, end_positions=end, **kwargs)
+    for field in ("start_logits", "end_logits"):
+        assert_close(valid_rows(getattr(got, field), mask), valid_rows(getattr(expected, field), mask),
+                     max_rel=MAX_REL, name=field)
+        lowest = torch.finfo(torch.float32).min
+        assert bool((getattr(got, field)[~mask.bool()] == lowest).all()), \
+            f"padded {field} must hold the lowest float"
+
+    # Without padding the loss is exactly transformers' loss ...
+    full = torch.ones_like(mask)
+    hf_full = hf(input_ids, attention_mask=full, start_positions=start, end_positions=end, **kwargs)
+    ours_full = ours(input_ids, attention_mask=full, start_positions=start, end_positions=end, **kwargs)
+    assert_close(ours_full.loss, hf_full.loss, max_rel=MAX_REL, name="QA loss (no padding)")
+    # ... and with padding it is transformers' loss over the real positions only.
+    def masked_ce(logits, positions):
+        logits = logits.masked_fill(mask == 0, torch.finfo(logits.dtype).min)
+        return torch.nn.functional.cross_entropy(logits, positions.clamp(0, SEQ), ignore_index=SEQ)
+    expected_loss = (masked_ce(expected.start_logits, start) + masked_ce(expected.end_logits, end)) / 2
+    assert_close(got.loss, expected_loss, max_rel=MAX_REL, name="QA loss (padded)")
+
+    hf_full.loss.backward()
+    ours_full.loss.backward()
+    assert compare_param_grads(ours, hf) == len(list(hf.parameters()))
+
+
+def test_from_transformers_in_memory():
+    hf = randomize(transformers.BertModel(hf_config("sdpa"), add_pooling_layer=False), seed=9)
+    ours = sf.SpanBertModel.from_transformers(hf, backend="torch")
+    assert ours.pooler is None
+    input_ids, mask, _, _ = make_batch(seed=4)
+    assert_close(valid_rows(ours(input_ids, mask).last_hidden_state, mask),
+                 valid_rows(hf(input_ids, attention_mask=mask).last_hidden_state, mask),
+                 max_rel=MAX_REL, name="from_transformers")
+
+
+def test_saved_checkpoint_loads_in_transformers(tmp_path):
+    ours = sf.SpanBertModel(sf.SpanBertConfig.tiny(vocab_size=VOCAB, max_position_embeddings=MAX_POS),
+                            backend="torch")
+    randomize(ours, seed=10)
+    ours.save_pretrained(tmp_path)
+    hf = transformers.BertModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    input_ids, mask, types, positions = make_batch(seed=5)
+    assert_close(valid_rows(hf(input_ids, attention_mask=mask).last_hidden_state, mask),
+                 valid_rows(ours(input_ids, mask).last_hidden_state, mask), max_rel=MAX_REL,
+                 name="transformers loading our checkpoint")
