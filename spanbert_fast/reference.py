@@ -130,8 +130,9 @@ def layer_norm(
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) ``GELU(x + bias)``; ``x``: ``(..., features)``, ``bias``: ``(features,)``."""
-    return F.gelu(x + bias)
+    """Exact (erf) ``GELU(x + bias)``; ``x``: ``(..., features)``, ``bias``: ``(features,)``.
+    Returns ``x``'s dtype (an fp32 bias under autocast does not promote the activations)."""
+    return F.gelu(x + bias).to(x.dtype)
 
 
 def span_boundary_head(

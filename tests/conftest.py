@@ -5,11 +5,17 @@ triton is first imported, which is why it is set at the top of this file.
 """
 
 import os
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton (checked below)
+
+assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
+if not torch.cuda.is_available():
+    # No GPU: run Triton kernels on CPU in the interpreter. With a GPU, the kernels compile
+    # for real (set TRITON_INTERPRET=1 yourself to debug them there).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
