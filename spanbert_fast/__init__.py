@@ -17,7 +17,7 @@ from .modeling import (
     SpanBertPreTrainingOutput,
     SpanBertQuestionAnsweringOutput,
 )
-from . import ops
+from . import masking, ops
 from .accelerate import AccelerationError, accelerate, is_accelerated
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "SpanBertQuestionAnsweringOutput",
     "SBO_TARGET_FIELDS",
     "ops",
+    "masking",
     "accelerate",
     "is_accelerated",
     "AccelerationError",

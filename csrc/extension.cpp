@@ -1,0 +1,131 @@
+// Registration of the spanbert_fast operators, their shared input checks, and the
+// torch-facing wrapper of the CUDA kernels (compiled only when SBF_WITH_CUDA is defined).
+//
+// TORCH_LIBRARY_FRAGMENT, not TORCH_LIBRARY: the `spanbert_fast` namespace is shared with
+// the ops that spanbert_fast/ops.py registers from Python through torch.library.custom_op.
+// The fake (meta) implementations, which torch.compile traces, are registered from Python
+// in spanbert_fast/_C.py.
+#include <torch/library.h>
+
+#include <ATen/core/Tensor.h>
+
+#include "span_masking_core.h"
+#include "word_starts.h"
+
+#ifdef SBF_WITH_CUDA
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+// Defined in word_starts_cuda.cu; see there for the contract.
+extern "C" int sbf_word_starts_cuda_launch(const int64_t* input_ids,
+                                           const bool* is_continuation,
+                                           int64_t table_size,
+                                           const bool* attention_mask,
+                                           bool* out,
+                                           unsigned long long* first_bad_index,
+                                           int64_t numel,
+                                           void* stream);
+#endif
+
+namespace spanbert_fast {
+
+void check_word_starts_inputs(const at::Tensor& input_ids,
+                              const at::Tensor& is_continuation,
+                              const std::optional<at::Tensor>& attention_mask) {
+  TORCH_CHECK(input_ids.scalar_type() == at::kLong,
+              "word_starts: input_ids must be int64 (torch.long), got ",
+              input_ids.scalar_type());
+  TORCH_CHECK(input_ids.dim() == 2, "word_starts: input_ids must be 2-D (batch, seq), got shape ",
+              input_ids.sizes());
+  TORCH_CHECK(is_continuation.scalar_type() == at::kBool,
+              "word_starts: is_continuation must be bool (one flag per vocabulary entry), got ",
+              is_continuation.scalar_type());
+  TORCH_CHECK(is_continuation.dim() == 1,
+              "word_starts: is_continuation must be 1-D (vocab_size,), got shape ",
+              is_continuation.sizes());
+  TORCH_CHECK(is_continuation.device() == input_ids.device(),
+              "word_starts: is_continuation must be on the device of input_ids (",
+              input_ids.device(), "), got ", is_continuation.device());
+  if (!attention_mask.has_value()) {
+    return;
+  }
+  const at::Tensor& mask = *attention_mask;
+  TORCH_CHECK(mask.sizes() == input_ids.sizes(),
+              "word_starts: attention_mask must have the shape of input_ids ", input_ids.sizes(),
+              ", got ", mask.sizes());
+  TORCH_CHECK(at::isIntegralType(mask.scalar_type(), /*includeBool=*/true),
+              "word_starts: attention_mask must be bool or an integer dtype "
+              "(nonzero = real token), got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.device() == input_ids.device(),
+              "word_starts: attention_mask must be on the device of input_ids (",
+              input_ids.device(), "), got ", mask.device());
+}
+
+at::Tensor attention_mask_as_bool(const std::optional<at::Tensor>& attention_mask) {
+  if (!attention_mask.has_value()) {
+    return at::Tensor();
+  }
+  const at::Tensor& mask = *attention_mask;
+  return mask.scalar_type() == at::kBool ? mask.contiguous() : mask.ne(0);
+}
+
+void raise_token_id_out_of_range(const at::Tensor& input_ids, int64_t table_size,
+                                 int64_t flat_index) {
+  const int64_t seq = input_ids.size(1);
+  const int64_t value = input_ids.reshape({-1}).select(0, flat_index).item<int64_t>();
+  TORCH_CHECK(false, "word_starts: input_ids must be in [0, ", table_size,
+              ") (the length of is_continuation), got ", value, " at position (",
+              flat_index / seq, ", ", flat_index % seq, ")");
+}
+
+#ifdef SBF_WITH_CUDA
+at::Tensor word_starts_cuda(const at::Tensor& input_ids, const at::Tensor& is_continuation,
+                            const std::optional<at::Tensor>& attention_mask) {
+  check_word_starts_inputs(input_ids, is_continuation, attention_mask);
+  const c10::cuda::CUDAGuard device_guard(input_ids.device());
+  const at::Tensor ids = input_ids.contiguous();
+  const at::Tensor table = is_continuation.contiguous();
+  const at::Tensor mask = attention_mask_as_bool(attention_mask);
+  at::Tensor out = at::empty(ids.sizes(), ids.options().dtype(at::kBool));
+  if (out.numel() == 0) {
+    return out;
+  }
+  at::Tensor first_bad_index = at::full({1}, core::kNoBadIndex, ids.options());
+  const int error = sbf_word_starts_cuda_launch(
+      ids.const_data_ptr<int64_t>(), table.const_data_ptr<bool>(), table.numel(),
+      mask.defined() ? mask.const_data_ptr<bool>() : nullptr, out.mutable_data_ptr<bool>(),
+      reinterpret_cast<unsigned long long*>(first_bad_index.mutable_data_ptr<int64_t>()),
+      ids.numel(), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(error == 0, "word_starts: CUDA kernel launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(error)));
+  // One device-to-host copy (a sync): the price of reporting a bad id as an error rather
+  // than a device assert.
+  const int64_t bad = first_bad_index.item<int64_t>();
+  if (bad != core::kNoBadIndex) {
+    raise_token_id_out_of_range(ids, table.numel(), bad);
+  }
+  return out;
+}
+#endif
+
+}  // namespace spanbert_fast
+
+TORCH_LIBRARY_FRAGMENT(spanbert_fast, m) {
+  m.def(
+      "word_starts(Tensor input_ids, Tensor is_continuation, Tensor? attention_mask=None) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(spanbert_fast, CPU, m) {
+  m.impl("word_starts", &spanbert_fast::word_starts_cpu);
+}
+
+#ifdef SBF_WITH_CUDA
+TORCH_LIBRARY_IMPL(spanbert_fast, CUDA, m) {
+  m.impl("word_starts", &spanbert_fast::word_starts_cuda);
+}
+#endif
