@@ -327,8 +327,13 @@ def _no_replayable_dropout(dropout_p: float) -> float:
     return dropout_p
 
 
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Losses are fp32, fp64 for fp64 inputs (the reference's log-sum-exp precision)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _scalar_fake(*args):
-    return args[0].new_empty((), dtype=torch.float32)
+    return args[0].new_empty((), dtype=_loss_dtype(args[0].dtype))
 
 
 _register_op(
@@ -467,7 +472,7 @@ def _fused_linear_cross_entropy(
 
 @_fused_linear_cross_entropy.register_fake
 def _(hidden, weight, bias, labels, ignore_index, need_grads):
-    loss = hidden.new_empty((), dtype=torch.float32)
+    loss = hidden.new_empty((), dtype=_loss_dtype(hidden.dtype))
     if not need_grads:
         empty = hidden.new_empty(0)
         return loss, empty, empty, empty
