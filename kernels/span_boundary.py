@@ -328,7 +328,7 @@ def bias_gelu_layer_norm_forward(
     table = _unit_column_stride(table) if has_table else z
     block_n = triton.next_power_of_2(width)
     _bias_gelu_layer_norm_forward_kernel[(n_rows,)](
-        z, table, table_index if has_table else z, bias.contiguous(),
+        z, table, table_index.contiguous() if has_table else z, bias.contiguous(),
         ln_weight.contiguous(), ln_bias.contiguous(), out,
         width, float(eps),
         z.stride(0), table.stride(0), out.stride(0),
@@ -380,7 +380,7 @@ def bias_gelu_layer_norm_backward(
         dummy = z  # stands in for absent pointers; constexpr-guarded, never touched
         block_n = triton.next_power_of_2(width)
         _bias_gelu_layer_norm_backward_kernel[(programs,)](
-            dy, z, table, table_index if has_table else dummy, bias.contiguous(),
+            dy, z, table, table_index.contiguous() if has_table else dummy, bias.contiguous(),
             ln_weight.contiguous(),
             dz if dz is not None else dummy,
             *[p if p is not None else dummy for p in partials],

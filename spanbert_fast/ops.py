@@ -464,18 +464,17 @@ def _fused_linear_cross_entropy(
     loss, grad_hidden, grad_weight, grad_bias = _kernel_module(
         "linear_cross_entropy").linear_cross_entropy_forward(hidden, weight, bias, labels,
                                                              ignore_index, need_grads)
-    empty = hidden.new_empty(0)
-    return (loss, grad_hidden if grad_hidden is not None else empty,
-            grad_weight if grad_weight is not None else empty,
-            grad_bias if grad_bias is not None else empty)
+    # Distinct empty tensors: a custom op may not return one tensor twice (aliasing).
+    return (loss, grad_hidden if grad_hidden is not None else hidden.new_empty(0),
+            grad_weight if grad_weight is not None else hidden.new_empty(0),
+            grad_bias if grad_bias is not None else hidden.new_empty(0))
 
 
 @_fused_linear_cross_entropy.register_fake
 def _(hidden, weight, bias, labels, ignore_index, need_grads):
     loss = hidden.new_empty((), dtype=_loss_dtype(hidden.dtype))
     if not need_grads:
-        empty = hidden.new_empty(0)
-        return loss, empty, empty, empty
+        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
     grad_bias = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
     return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
 

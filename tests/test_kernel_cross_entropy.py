@@ -336,3 +336,18 @@ def test_gpu_peak_memory_is_bounded_by_the_chunk_budget():
     temporaries = peak - outputs
     assert temporaries < budget + 2 * fp32_grad_weight + 16 * 2**20, (
         f"peak {peak / 2**20:.0f} MiB, outputs {outputs / 2**20:.0f} MiB")
+
+
+def test_public_op_without_gradients_and_with_strided_labels():
+    """Evaluation (no tensor needs a gradient) and labels sliced out of an (N, 5) target
+    tensor, as the SBO head passes them."""
+    generator = torch.Generator().manual_seed(12)
+    hidden, weight, bias = (torch.randn(*shape, generator=generator)
+                            for shape in ((6, 16), (100, 16), (100,)))
+    targets = torch.randint(0, 100, (6, 5), generator=generator)
+    labels = targets[:, 4]
+    assert labels.stride(0) == 5
+    with torch.no_grad():
+        got = ops.linear_cross_entropy(hidden, weight, bias, labels, backend="triton")
+    expected = reference.linear_cross_entropy(hidden, weight, bias, labels)
+    assert_close(got, expected, max_rel=1e-5, name="no-grad loss with strided labels")

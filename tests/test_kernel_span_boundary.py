@@ -239,12 +239,7 @@ def test_public_op_with_triton_backend():
     args, dy = _inputs(*CASES["H48_table15x200"], seed=7)
     expected_out, expected = _reference_with_grads(args, dy, torch.float64)
     leaves = [a.float().requires_grad_() if a.is_floating_point() else a for a in args]
-    try:
-        out = ops.span_boundary_head(*leaves, EPS, backend="triton")
-    except ops.BackendUnavailableError as err:
-        if "no Triton kernel" in str(err):
-            pytest.skip(f"ops.span_boundary_head is not wired to the Triton kernel: {err}")
-        raise
+    out = ops.span_boundary_head(*leaves, EPS, backend="triton")
     out.backward(dy.float())
     assert_close(out, expected_out, max_rel=FP32_REL, name="ops out")
     for name, leaf in zip(NAMES, leaves):
@@ -278,3 +273,22 @@ def test_gpu_fp32_pretraining_sizes():
     assert_close(out, expected_out, max_rel=FP32_REL, name="gpu fp32 out")
     for name, want in expected.items():
         assert_close(grads[name], want, max_rel=FP32_REL, name=f"gpu fp32 {name}")
+
+
+def test_strided_index_columns_as_the_model_passes_them():
+    """The model slices left/right/rel_pos out of one (N, 5) sbo_targets tensor, so the
+    index tensors have stride 5; a launcher that assumed unit stride read garbage."""
+    args, dy = _inputs(*CASES["H48_table15x200"], seed=9)
+    hidden, left, right, rel = args[:4]
+    targets = torch.stack([torch.zeros_like(left), left, right, rel, torch.zeros_like(left)], dim=1)
+    _, left_s, right_s, rel_s, _ = targets.unbind(1)
+    assert rel_s.stride(0) == 5
+    strided = (hidden, left_s, right_s, rel_s) + tuple(args[4:])
+    expected_out, expected = _reference_with_grads(args, dy, torch.float64)
+    leaves = [a.float().requires_grad_() if a.is_floating_point() else a for a in strided]
+    out = ops.span_boundary_head(*leaves, EPS, backend="triton")
+    out.backward(dy.float())
+    assert_close(out, expected_out, max_rel=FP32_REL, name="strided indices out")
+    for name, leaf in zip(NAMES, leaves):
+        if name not in INDEX_NAMES:
+            assert_close(leaf.grad, expected[name], max_rel=FP32_REL, name=f"strided {name}")
