@@ -369,16 +369,26 @@ def _check_inputs(q, k, v, key_lengths, cu_seqlens) -> None:
     if cu_seqlens is not None:
         if q.dim() != 3:
             raise ValueError(f"packed q must be (total_tokens, heads, head_dim), got {tuple(q.shape)}")
-        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-            raise TypeError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} "
-                            f"of shape {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.dtype not in _INDEX_DTYPES or cu_seqlens.dim() != 1:
+            raise TypeError(f"cu_seqlens must be a 1-D int32 or int64 tensor, got "
+                            f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
     else:
         if q.dim() != 4:
             raise ValueError(f"padded q must be (batch, heads, seq, head_dim), got {tuple(q.shape)}")
-        if key_lengths is not None and (key_lengths.dtype != torch.int32
+        if key_lengths is not None and (key_lengths.dtype not in _INDEX_DTYPES
                                         or tuple(key_lengths.shape) != (q.shape[0],)):
-            raise ValueError(f"key_lengths must be int32 of shape ({q.shape[0]},), got "
-                             f"{key_lengths.dtype} {tuple(key_lengths.shape)}")
+            raise ValueError(f"key_lengths must be int32 or int64 of shape ({q.shape[0]},), "
+                             f"got {key_lengths.dtype} {tuple(key_lengths.shape)}")
+
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _contiguous_int32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """cu_seqlens / key_lengths as the kernels read them: ``CU_SEQLENS + b`` assumes a unit
+    stride and int32 values. Callers hand int64 (``torch.cumsum``'s dtype) or a column of a
+    wider tensor; the copy is batch + 1 integers. Values are token counts, < 2**31."""
+    return None if t is None else t.to(torch.int32).contiguous()
 
 
 def _layout(q, cu_seqlens, max_seqlen):
@@ -397,13 +407,15 @@ def attention_forward(
     """Attention forward.
 
     ``q, k, v``: padded ``(B, H, S, D)`` or packed ``(T, H, D)`` fp16/bf16/fp32 (unit stride
-    over D). ``key_lengths``: ``(B,)`` int32 or None (padded only). ``cu_seqlens``: ``(B+1,)``
-    int32 (packed only) with ``max_seqlen``. ``seed``: int for the dropout RNG.
+    over D). ``key_lengths``: ``(B,)`` int32/int64 or None (padded only). ``cu_seqlens``:
+    ``(B+1,)`` int32/int64 (packed only) with ``max_seqlen``; any stride (copied to
+    contiguous int32). ``seed``: int for the dropout RNG.
     ``out``: optional preallocated output shaped like ``q``.
     Returns ``(out, lse)`` with ``lse`` ``(B, H, max_seqlen)`` fp32 in base 2.
     """
     _check_inputs(q, k, v, key_lengths, cu_seqlens)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    key_lengths, cu_seqlens = _contiguous_int32(key_lengths), _contiguous_int32(cu_seqlens)
     batch, heads, seqlen, varlen = _layout(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
     if out is None:
@@ -448,6 +460,10 @@ def attention_backward(
     """
     _check_inputs(q, k, v, key_lengths, cu_seqlens)
     q, k, v, out, dout = (_unit_last_stride(t) for t in (q, k, v, out, dout))
+    key_lengths, cu_seqlens = _contiguous_int32(key_lengths), _contiguous_int32(cu_seqlens)
+    # The kernels index lse (and delta, allocated like it) as LSE + batch_head * stride(1) +
+    # row: contiguous (B, H, S) only. A copy is B * H * S floats.
+    lse = lse.contiguous()
     batch, heads, seqlen, varlen = _layout(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
     if grads_out is not None:

@@ -171,9 +171,10 @@ def _check_inputs(hidden, weight, bias, labels, ignore_index, chunk_bytes) -> No
                             f"got {t.dtype}")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and not _autocast_layout(hidden.dtype, weight.dtype):
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype} (one GEMM dtype), "
-                        f"got {weight.dtype}")
+                        f"or be float32 with float16/bfloat16 hidden (autocast's fp32 "
+                        f"weights), got {weight.dtype}")
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight must have shape (vocab, {hidden.shape[1]}), "
                          f"got {tuple(weight.shape)}")
@@ -202,6 +203,13 @@ def _check_inputs(hidden, weight, bias, labels, ignore_index, chunk_bytes) -> No
     if len(devices) > 1:
         raise ValueError(f"hidden, weight, bias and labels must be on one device, got "
                          f"{sorted(str(d) for d in devices)}")
+
+
+def _autocast_layout(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """fp16/bf16 activations with fp32 weights: what the model hands the op under
+    ``torch.autocast``, which never casts the arguments of a custom op. The GEMMs then run
+    in hidden's dtype on a cast copy of the weight, as autocast's ``F.linear`` would."""
+    return hidden_dtype in (torch.float16, torch.bfloat16) and weight_dtype == torch.float32
 
 
 def _count_valid_labels(labels: torch.Tensor, ignore_index: int, vocab: int) -> int:
@@ -263,20 +271,27 @@ def _linear_cross_entropy(
         # exactly 0, and no GEMM runs.
         if grad_hidden is not None:
             grad_hidden.zero_()
+        # torch.zeros, not zeros_like: contiguous whatever the inputs' strides, as the
+        # GEMM path's gradients and the custom op's fake are.
         return (torch.zeros((), dtype=acc, device=device), grad_hidden,
-                torch.zeros_like(weight) if need_weight else None,
-                torch.zeros_like(bias) if need_bias else None)
+                torch.zeros(weight.shape, dtype=weight.dtype, device=device)
+                if need_weight else None,
+                torch.zeros(bias.shape, dtype=bias.dtype, device=device) if need_bias else None)
 
     rows = _rows_per_chunk(n_rows, vocab, hidden.element_size(), chunk_bytes)
     logits_buffer = _empty((rows, vocab), hidden.dtype, device)
     bias_in = bias.to(hidden.dtype) if bias is not None else None
+    # fp32 weights with fp16/bf16 hidden (autocast): one cast copy (no copy otherwise),
+    # the GEMMs in hidden's dtype; grad_weight comes back in the weight's dtype (chunks
+    # summed in fp32), as autocast's cast-then-F.linear would give it.
+    gemm_weight = weight.to(hidden.dtype)
     loss_rows = _empty((n_rows,), acc, device)
     compute_grad = need_hidden or need_weight or need_bias
     if grad_output is None:
         grad_scale = torch.ones(1, dtype=acc, device=device)
     else:
         grad_scale = grad_output.detach().reshape(1).to(device=device, dtype=acc)
-    weight_t = weight.t()
+    weight_t = gemm_weight.t()
     grad_weight: Optional[torch.Tensor] = None
     grad_weight_acc: Optional[torch.Tensor] = None  # fp32 sum over chunks (fp16/bf16)
     grad_bias_acc: Optional[torch.Tensor] = None
@@ -299,12 +314,12 @@ def _linear_cross_entropy(
         )
         # logits now holds dlogits (when compute_grad).
         if need_hidden:
-            torch.mm(logits, weight, out=grad_hidden[start:end])
+            torch.mm(logits, gemm_weight, out=grad_hidden[start:end])
         if need_weight:
             if index == 0:
-                grad_weight = _empty(weight.shape, weight.dtype, device)
+                grad_weight = _empty(weight.shape, hidden.dtype, device)
                 torch.mm(logits.t(), h_chunk, out=grad_weight)
-            elif weight.dtype == acc:
+            elif hidden.dtype == acc:
                 grad_weight.addmm_(logits.t(), h_chunk)
             else:
                 # fp16/bf16: cuBLAS sums each chunk in fp32 internally; the chunks are
@@ -318,6 +333,8 @@ def _linear_cross_entropy(
 
     if grad_weight_acc is not None:
         grad_weight = grad_weight_acc.to(weight.dtype)
+    elif grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)  # one chunk of an autocast layout
     loss = loss_rows.sum() / n_valid
     grad_bias = grad_bias_acc.to(bias.dtype) if need_bias else None
     return loss, grad_hidden, grad_weight, grad_bias
@@ -335,7 +352,8 @@ def linear_cross_entropy_forward(
     """Mean cross-entropy of ``hidden @ weight.T + bias`` and, if ``need_grads``, its
     gradients, chunk by chunk over the rows.
 
-    ``hidden``: ``(N, H)`` fp16/bf16/fp32/fp64; ``weight``: ``(V, H)`` of hidden's dtype;
+    ``hidden``: ``(N, H)`` fp16/bf16/fp32/fp64; ``weight``: ``(V, H)`` of hidden's dtype,
+    or fp32 with fp16/bf16 hidden (autocast's layout: the GEMMs run in hidden's dtype);
     ``bias``: ``(V,)`` any float dtype, or None; ``labels``: ``(N,)`` int64 in ``[0, V)`` or
     ``ignore_index``. ``chunk_bytes`` bounds the logits buffer of one chunk.
 

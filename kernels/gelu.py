@@ -34,6 +34,7 @@ backward regenerates exactly from the same seed, whatever tile shapes either pas
 
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Sequence
 
@@ -235,8 +236,9 @@ def _check_inputs(x, bias) -> int:
 
 
 def _rows(t: torch.Tensor, features: int) -> torch.Tensor:
-    """``(..., features)`` -> ``(rows, features)`` with a unit column stride."""
-    t2 = t.reshape(-1, features)
+    """``(..., features)`` -> ``(rows, features)`` with a unit column stride. The row count
+    is spelled out: ``reshape(-1, 0)`` cannot infer it when ``features`` is 0."""
+    t2 = t.reshape(math.prod(t.shape[:-1]), features)
     if t2.stride(-1) != 1 and features > 1:
         t2 = t2.contiguous()
     return t2

@@ -428,9 +428,10 @@ def _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table,
     if tuple(w2.shape) != (width, width):
         raise ValueError(f"w2 must have shape ({width}, {width}), got {tuple(w2.shape)}")
     for name, t in (("position_table", position_table), ("w1", w1), ("w2", w2)):
-        if t.dtype != hidden.dtype:
+        if t.dtype != hidden.dtype and not _autocast_layout(hidden.dtype, t.dtype):
             raise TypeError(f"{name} must have hidden's dtype {hidden.dtype} (the GEMMs run "
-                            f"in one dtype), got {t.dtype}")
+                            f"in one dtype), or be float32 with float16/bfloat16 hidden "
+                            f"(autocast's fp32 parameters), got {t.dtype}")
     for name, t in (("b1", b1), ("ln1_weight", ln1_weight), ("ln1_bias", ln1_bias),
                     ("b2", b2), ("ln2_weight", ln2_weight), ("ln2_bias", ln2_bias)):
         _check_float_tensor(name, t)
@@ -461,6 +462,19 @@ def _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table,
             raise ValueError(f"{name} values must lie in [0, {bound}), got min {lo}, max {hi}")
 
 
+def _autocast_layout(hidden_dtype: torch.dtype, param_dtype: torch.dtype) -> bool:
+    """fp16/bf16 encoder rows with fp32 parameters: what the model hands the op under
+    ``torch.autocast``, which never casts the arguments of a custom op."""
+    return hidden_dtype in (torch.float16, torch.bfloat16) and param_dtype == torch.float32
+
+
+def _gemm_operands(hidden, position_table, w1, w2):
+    """position_table, w1, w2 in hidden's dtype, the one dtype the GEMMs run in (a cast
+    copy only in autocast's layout, as autocast's ``F.linear`` would make; the gradients
+    are cast back to each parameter's dtype)."""
+    return tuple(t.to(hidden.dtype) for t in (position_table, w1, w2))
+
+
 def _boundary_rows(left_index: torch.Tensor, right_index: torch.Tensor) -> torch.Tensor:
     """(2N,) interleaved ``l0, r0, l1, r1, ...``: gathering hidden with it gives a (2N, H)
     tensor whose memory is the (N, 2H) concatenation ``[h[left] | h[right]]``."""
@@ -486,13 +500,15 @@ def forward(hidden: torch.Tensor, left_index: torch.Tensor, right_index: torch.T
     ``hidden``: ``(T, H)`` fp16/bf16/fp32/fp64; ``left_index``, ``right_index``: ``(N,)``
     int64 rows of hidden; ``rel_pos``: ``(N,)`` int64 rows of ``position_table`` ``(P, E)``;
     ``w1``: ``(H, 2H + E)``, ``w2``: ``(H, H)`` (position_table, w1 and w2 in hidden's
-    dtype); ``b1``, ``b2`` and the LayerNorm parameters: ``(H,)`` any float dtype.
+    dtype, or fp32 with fp16/bf16 hidden: autocast's layout, the GEMMs then run in
+    hidden's dtype); ``b1``, ``b2`` and the LayerNorm parameters: ``(H,)`` any float dtype.
     """
     _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table, w1, b1,
                        ln1_weight, ln1_bias, w2, b2, ln2_weight, ln2_bias, eps)
     with torch.no_grad():
         if left_index.shape[0] == 0:
             return hidden.new_empty((0, hidden.shape[1]))
+        position_table, w1, w2 = _gemm_operands(hidden, position_table, w1, w2)
         _, z1, projection = _first_layer(hidden, _boundary_rows(left_index, right_index),
                                          position_table, w1)
         y1 = bias_gelu_layer_norm_forward(z1, b1, ln1_weight, ln1_bias, eps,
@@ -542,6 +558,8 @@ def _head_backward(dy, hidden, left_index, right_index, rel_pos, position_table,
     tokens, width = hidden.shape
     rows = position_table.shape[0]
     device, dtype = hidden.device, hidden.dtype
+    param_dtypes = {"position_table": position_table.dtype, "w1": w1.dtype, "w2": w2.dtype}
+    position_table, w1, w2 = _gemm_operands(hidden, position_table, w1, w2)
     need_layer1 = any(need[k] for k in ("hidden", "position_table", "w1", "b1",
                                         "ln1_weight", "ln1_bias"))
     need_dz1 = need["hidden"] or need["position_table"] or need["w1"]
@@ -561,7 +579,7 @@ def _head_backward(dy, hidden, left_index, right_index, rel_pos, position_table,
     if need["w2"]:
         grads["w2"] = torch.mm(dz2.t(), y1)
     if not need_layer1:
-        return grads
+        return _in_param_dtypes(grads, param_dtypes)
     dy1 = torch.mm(dz2, w2)
 
     # Layer 1: y1 = LN1(GELU(z1 + projection[rel] + b1)).
@@ -575,7 +593,7 @@ def _head_backward(dy, hidden, left_index, right_index, rel_pos, position_table,
         if need["position_table"]:
             grads["position_table"] = torch.mm(d_projection, w1[:, 2 * width:])
         if need["w1"]:
-            dw1 = _empty(w1.shape, w1.dtype, device)
+            dw1 = _empty(w1.shape, param_dtypes["w1"], device)
             # Two GEMMs into the column slices of one buffer (a column slice is not a
             # valid mm out=; the copies move H x (2H + E) elements, ~9 MB in large).
             dw1[:, : 2 * width].copy_(torch.mm(dz1.t(), gathered))
@@ -588,4 +606,11 @@ def _head_backward(dy, hidden, left_index, right_index, rel_pos, position_table,
         d_hidden = torch.zeros((tokens, width), dtype=dtype, device=device)
         d_hidden.index_add_(0, boundary_rows, d_gathered)
         grads["hidden"] = d_hidden
-    return grads
+    return _in_param_dtypes(grads, param_dtypes)
+
+
+def _in_param_dtypes(grads: dict, param_dtypes: dict) -> dict:
+    """The GEMM-operand gradients cast back to their parameters' dtypes (no-op unless
+    autocast's layout gave them fp32 parameters)."""
+    return {name: g.to(param_dtypes[name]) if name in param_dtypes and g is not None else g
+            for name, g in grads.items()}

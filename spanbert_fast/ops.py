@@ -121,6 +121,7 @@ def _triton_reasons(op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
                        f"({_kernel_import_errors[op]})")
     elif op not in _KERNEL_MODULES and _triton_import_error is None:
         reasons.append(f"no Triton kernel is implemented for '{op}' yet")
+    reasons.extend(_input_reasons(op, tensors))
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     for t in tensors:
         if t.device.type != "cuda" and not interpret:
@@ -128,6 +129,25 @@ def _triton_reasons(op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
                 f"tensors are on {t.device.type}; Triton needs CUDA tensors "
                 "(or TRITON_INTERPRET=1 for the CPU interpreter)")
             break
+    return reasons
+
+
+# What the Triton kernels take beyond what every op takes. Under backend="auto" inputs
+# outside this fall back to the torch backend; an explicit "triton" raises with the reason.
+_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ATTENTION_MAX_HEAD_DIM = 128
+
+
+def _input_reasons(op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
+    if op != "attention" or not tensors or not tensors[0].is_floating_point():
+        return []  # (the model asks with its int input_ids to choose the padding-free path)
+    q = tensors[0]
+    reasons = []
+    if q.dtype not in _ATTENTION_DTYPES:
+        reasons.append(f"the attention kernel takes fp16/bf16/fp32, got {q.dtype}")
+    if q.dim() >= 3 and q.shape[-1] > _ATTENTION_MAX_HEAD_DIM:
+        reasons.append(f"the attention kernel takes head_dim <= {_ATTENTION_MAX_HEAD_DIM}, "
+                       f"got {q.shape[-1]}")
     return reasons
 
 
@@ -245,6 +265,10 @@ def _register_op(name: str, schema_args: Sequence[Tuple[str, str]], reference_fn
         if backend == "torch":
             with torch.no_grad():
                 return reference_fn(*op_args).contiguous()
+        if name in _KERNEL_ENTRY_POINTS and "forward" not in _KERNEL_ENTRY_POINTS[name]:
+            raise ValueError(f"torch.ops.spanbert_fast.{name} runs backend 'torch' only; its "
+                             "Triton kernel has a dedicated op (use spanbert_fast.ops."
+                             f"{name}, which picks it)")
         return _kernel_module(name).forward(*op_args)
 
     def backward_impl(grad_output, *args):
@@ -278,6 +302,9 @@ def _register_op(name: str, schema_args: Sequence[Tuple[str, str]], reference_fn
         f"{qualified}_backward", backward_impl, mutates_args=(),
         schema=f"(Tensor grad_output, {arg_list}, bool[] needs_input_grad, str backend) -> Tensor[]")
 
+    # Fakes describe contiguous outputs (new_empty, not empty_like, which would copy a
+    # transposed input's strides): both backends return contiguous tensors whatever the
+    # inputs' strides, and torch.compile trusts the fake's strides.
     @forward_op.register_fake
     def _(*args):
         return output_fake(*args[:-1])
@@ -288,7 +315,7 @@ def _register_op(name: str, schema_args: Sequence[Tuple[str, str]], reference_fn
         out = []
         for slot, pos in enumerate(tensor_pos):
             t = op_args[pos]
-            out.append(torch.empty_like(t) if needs[slot] and t is not None
+            out.append(t.new_empty(t.shape) if needs[slot] and t is not None
                        else grad_output.new_empty(0))
         return out
 
@@ -343,20 +370,20 @@ _register_op(
      ("dropout_p", "float")],
     lambda q, k, v, m, cu, ms, sc, p: reference.attention(
         q, k, v, m, cu, ms, sc, _no_replayable_dropout(p)),
-    lambda q, *rest: torch.empty_like(q),
+    lambda q, *rest: q.new_empty(q.shape),
 )
 _register_op(
     "layer_norm",
     [("x", "Tensor"), ("weight", "Tensor"), ("bias", "Tensor"), ("eps", "float"),
      ("residual", "Tensor?")],
     reference.layer_norm,
-    lambda x, *rest: torch.empty_like(x),
+    lambda x, *rest: x.new_empty(x.shape),
 )
 _register_op(
     "bias_gelu",
     [("x", "Tensor"), ("bias", "Tensor")],
     reference.bias_gelu,
-    lambda x, bias: torch.empty_like(x),
+    lambda x, bias: x.new_empty(x.shape),
 )
 _register_op(
     "span_boundary_head",

@@ -167,6 +167,19 @@ def test_left_padding_falls_back_to_reference_with_a_warning():
                                                         torch.zeros(1, dtype=torch.int64))
 
 
+def test_inputs_the_kernel_cannot_take_fall_back_under_auto_and_raise_when_forced(monkeypatch):
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    monkeypatch.delenv("SPANBERT_FAST_BACKEND", raising=False)
+    reasons = ops._triton_reasons("attention", [q])
+    assert any("fp16/bf16/fp32" in r for r in reasons)
+    wide = torch.randn(1, 1, 4, 160)
+    assert any("head_dim <= 128" in r for r in ops._triton_reasons("attention", [wide]))
+    with pytest.raises(ops.BackendUnavailableError, match="head_dim <= 128"):
+        ops.attention(wide, wide, wide, backend="triton")
+    with pytest.raises(ValueError, match="runs backend 'torch' only"):
+        torch.ops.spanbert_fast.attention(wide, wide, wide, None, None, 0, 0.1, 0.0, "triton")
+
+
 # ---------------------------------------------------------------------------------------
 # Dropout: kept fraction, determinism, gradients consistent with the forward's mask
 # ---------------------------------------------------------------------------------------
@@ -244,3 +257,52 @@ def test_gpu_fp32_uses_ieee_dots():
     oracle = _reference_with_grads(tensors, torch.float64, "padded", mask.cuda(), cu_seqlens.cuda(), seq)
     for name, g, o in zip(("out", "dq", "dk", "dv"), got, oracle):
         assert_close(g, o, max_rel=FP32_REL, name=f"gpu fp32 {name}")
+
+
+def test_cu_seqlens_and_key_lengths_of_any_int_dtype_and_stride():
+    """``ops.attention`` accepts int64 ``cu_seqlens`` (what ``torch.cumsum`` returns) and
+    any 1-D tensor, e.g. a column of a wider table (stride 2); the kernels read
+    ``cu_seqlens[b]`` and ``key_lengths[b]`` as contiguous int32, so the launchers must make
+    them so. Before: int64 was refused with a TypeError, and a strided cu_seqlens read the
+    neighbouring column (out-of-range token offsets: values of 1e37)."""
+    tensors, mask, cu_seqlens, seq = _inputs("packed", torch.float32, 2, 16, lengths=(9, 3, 12))
+    oracle = _reference_with_grads(tensors, torch.float64, "packed", mask, cu_seqlens, seq)
+    strided = torch.stack([cu_seqlens, torch.full_like(cu_seqlens, 10**6)], dim=1)[:, 0]
+    for label, cu in (("int64", cu_seqlens.long()), ("strided", strided),
+                      ("strided int64", strided.long())):
+        q, k, v = (t.detach().float().requires_grad_() for t in tensors[:3])
+        out = ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=seq, backend="triton")
+        out.backward(tensors[3].detach().float())
+        for name, g, o in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), oracle):
+            assert_close(g, o, max_rel=FP32_REL, name=f"cu_seqlens {label} {name}")
+
+    tensors, mask, cu_seqlens, seq = _inputs("padded", torch.float32, 2, 16, lengths=(9, 3, 12))
+    oracle = _reference_with_grads(tensors, torch.float64, "padded", mask, cu_seqlens, seq)
+    q, k, v, dout = (t.detach().float() for t in tensors)
+    lengths = mask.sum(1)
+    for label, key_lengths in (("int64", lengths),
+                               ("strided", torch.stack([lengths, lengths * 0], 1)[:, 0].int())):
+        out, lse = attention_kernel.attention_forward(q, k, v, key_lengths, None, seq, 0.25,
+                                                      0.0, 0)
+        grads = attention_kernel.attention_backward(dout, q, k, v, out, lse, key_lengths, None,
+                                                    seq, 0.25, 0.0, 0)
+        for name, g, o in zip(("out", "dq", "dk", "dv"), (out, *grads), oracle):
+            assert_close(g, o, max_rel=FP32_REL, name=f"key_lengths {label} {name}")
+
+
+def test_backward_takes_a_non_contiguous_lse():
+    """The backward kernels index ``lse`` (and ``delta``, allocated like it) as
+    ``batch_head * stride(1) + row``, i.e. contiguous (B, H, S). A non-contiguous lse (say
+    a graph that stored it (H, B, S)-major) read the wrong rows and wrote delta out of
+    bounds (a heap corruption in the interpreter); the launcher now makes it contiguous."""
+    tensors, mask, cu_seqlens, seq = _inputs("padded", torch.float32, 3, 16, lengths=(9, 4))
+    q, k, v, dout = (t.detach().float() for t in tensors)
+    lengths = mask.sum(1).to(torch.int32)
+    out, lse = attention_kernel.attention_forward(q, k, v, lengths, None, seq, 0.25, 0.0, 0)
+    lse_hbs = lse.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not lse_hbs.is_contiguous()
+    grads = attention_kernel.attention_backward(dout, q, k, v, out, lse_hbs, lengths, None,
+                                                seq, 0.25, 0.0, 0)
+    oracle = _reference_with_grads(tensors, torch.float64, "padded", mask, cu_seqlens, seq)
+    for name, g, o in zip(("dq", "dk", "dv"), grads, oracle[1:]):
+        assert_close(g, o, max_rel=FP32_REL, name=f"non-contiguous lse {name}")

@@ -351,3 +351,45 @@ def test_public_op_without_gradients_and_with_strided_labels():
         got = ops.linear_cross_entropy(hidden, weight, bias, labels, backend="triton")
     expected = reference.linear_cross_entropy(hidden, weight, bias, labels)
     assert_close(got, expected, max_rel=1e-5, name="no-grad loss with strided labels")
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 4], ids=["one_chunk", "chunks_of_4"])
+def test_autocast_layout_half_hidden_with_fp32_weight_and_bias(chunk_rows):
+    """Under ``torch.autocast`` the model hands the op fp16/bf16 hidden rows but the fp32
+    tied word embeddings and fp32 decoder bias (autocast never reaches into a custom op).
+    The GEMMs run in hidden's dtype, as autocast would run ``F.linear``; each gradient
+    comes back in its input's dtype, within 2x of torch under the same autocast."""
+    hidden, weight, bias, labels = _inputs(13, 1000, 24, seed=13, ignored=(2,))
+    oracle = _oracle(hidden, weight, bias, labels)
+    leaves = [hidden.half().requires_grad_(), weight.float().requires_grad_(),
+              bias.float().requires_grad_()]
+    with torch.autocast("cpu", dtype=torch.float16):
+        logits = F.linear(*leaves)
+    plain_loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+    plain = [plain_loss.detach(), *torch.autograd.grad(plain_loss, leaves)]
+    h16, w32, b32 = (t.detach() for t in leaves)
+    kwargs = {} if chunk_rows is None else {"chunk_bytes": chunk_rows * 1000 * 2}
+    ours = list(cross_entropy.linear_cross_entropy_forward(h16, w32, b32, labels, IGNORE,
+                                                           True, **kwargs))
+    recomputed = cross_entropy.backward(torch.tensor(1.0), h16, w32, b32, labels, IGNORE,
+                                        [True, True, True, False])[:3]
+    assert [t.dtype for t in ours] == [torch.float32, torch.float16, torch.float32,
+                                       torch.float32]
+    assert [t.dtype for t in recomputed] == [torch.float16, torch.float32, torch.float32]
+    for name, got, base, expected in zip(NAMES, ours, plain, oracle):
+        assert_within_2x_of_torch(got, base, expected, name=f"autocast layout {name}")
+    for name, got, base, expected in zip(NAMES[1:], recomputed, plain[1:], oracle[1:]):
+        assert_within_2x_of_torch(got, base, expected, name=f"autocast layout backward {name}")
+
+
+@pytest.mark.parametrize("ignored", [(), (0, 1, 2, 3, 4)], ids=["valid", "all_ignored"])
+def test_custom_op_gradients_are_contiguous_like_its_fake(ignored):
+    """The fake of ``fused_linear_cross_entropy`` promises contiguous gradients (torch.compile
+    trusts it); a transposed weight (an untied decoder stored as (H, V)) must not give a
+    transposed grad_weight, not even on the no-valid-label path."""
+    hidden, weight, bias, labels = (t.float() if t.is_floating_point() else t
+                                    for t in _inputs(5, 40, 8, seed=14, ignored=ignored))
+    weight_t = weight.t().contiguous().t()  # (40, 8) with strides (1, 40)
+    args = (hidden.requires_grad_(), weight_t.requires_grad_(), bias.requires_grad_(), labels,
+            IGNORE, True)
+    torch.library.opcheck(torch.ops.spanbert_fast.fused_linear_cross_entropy, args)

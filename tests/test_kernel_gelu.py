@@ -150,6 +150,16 @@ def test_zero_rows():
     assert dx.shape == (0, 64) and torch.equal(dbias, torch.zeros(64))
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (0, 0), (2, 0, 0)])
+def test_zero_features(shape):
+    """A 0-wide last dim (what torch's ``F.gelu(x + bias)`` takes): ``reshape(-1, 0)`` cannot
+    infer the row count, so the launchers must not ask it to."""
+    x, bias = torch.empty(shape), torch.empty(0)
+    y = gelu_kernel.forward(x, bias)
+    dx, dbias = gelu_kernel.backward(x, x, bias, [True, True])
+    assert y.shape == dx.shape == shape and dbias.shape == (0,)
+
+
 @pytest.mark.parametrize("call, error, words", [
     (lambda x, b: gelu_kernel.forward(x.long(), b), TypeError, "x"),
     (lambda x, b: gelu_kernel.forward(x, b[:-1]), ValueError, "bias"),
@@ -221,6 +231,16 @@ def test_public_op_triton_backend_autograd():
 
 def test_custom_op_opcheck():
     x, bias, _ = (t.float() for t in _inputs((3, 33), seed=7))
+    torch.library.opcheck(torch.ops.spanbert_fast.bias_gelu,
+                          (x.requires_grad_(), bias.requires_grad_(), "triton"))
+
+
+def test_custom_op_opcheck_non_contiguous_x():
+    """The kernels return contiguous tensors whatever x's strides, so the fake (meta)
+    implementations must say so: under torch.compile a fake that copied a transposed x's
+    strides would describe memory the kernel did not write that way."""
+    x, bias, _ = (t.float() for t in _inputs((3, 33), seed=8))
+    x = x.t().contiguous().t()  # (3, 33) with strides (1, 3)
     torch.library.opcheck(torch.ops.spanbert_fast.bias_gelu,
                           (x.requires_grad_(), bias.requires_grad_(), "triton"))
 

@@ -223,6 +223,19 @@ def test_custom_op_opcheck():
                           (x, weight, bias, EPS, None, "triton"))
 
 
+def test_custom_op_opcheck_non_contiguous_x():
+    """The kernels return contiguous y, dx and dresidual whatever the strides of x and
+    residual, so the fake (meta) implementations must say so: under torch.compile a fake
+    that copied a transposed x's strides would describe memory the kernel did not write
+    that way."""
+    x, weight, bias, residual, _ = (t.float() for t in _inputs((3, 33), with_residual=True,
+                                                                seed=9))
+    x, residual = (t.t().contiguous().t() for t in (x, residual))  # strides (1, 3)
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), EPS,
+            residual.requires_grad_(), "triton")
+    torch.library.opcheck(torch.ops.spanbert_fast.layer_norm, args)
+
+
 # --------------------------------------------------------------------------------------
 # GPU only
 # --------------------------------------------------------------------------------------

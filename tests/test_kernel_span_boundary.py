@@ -292,3 +292,29 @@ def test_strided_index_columns_as_the_model_passes_them():
     for name, leaf in zip(NAMES, leaves):
         if name not in INDEX_NAMES:
             assert_close(leaf.grad, expected[name], max_rel=FP32_REL, name=f"strided {name}")
+
+
+def test_autocast_layout_half_hidden_with_fp32_parameters():
+    """Under ``torch.autocast`` the model hands the op fp16/bf16 encoder rows but fp32
+    parameters (position table, w1, w2, biases, LayerNorms): autocast never casts the
+    arguments of a custom op. The GEMMs run in hidden's dtype, as autocast runs the
+    reference's ``F.linear``; the output is in hidden's dtype and every gradient in its
+    input's dtype, within 2x of torch under the same autocast."""
+    args, dy = _inputs(*CASES["H48_table15x200"], seed=10)
+    oracle_out, oracle = _reference_with_grads(args, dy, torch.float64)
+    leaves = [(a.half() if name == "hidden" else a.float()).requires_grad_()
+              if a.is_floating_point() else a for name, a in zip(NAMES, args)]
+    with torch.autocast("cpu", dtype=torch.float16):
+        torch_out = reference.span_boundary_head(*leaves, EPS)
+    floats = [(name, leaf) for name, leaf in zip(NAMES, leaves) if leaf.is_floating_point()]
+    torch_grads = dict(zip([n for n, _ in floats], torch.autograd.grad(
+        torch_out, [leaf for _, leaf in floats], dy.half())))
+    mixed = [leaf.detach() for leaf in leaves]
+    out = span_boundary.forward(*mixed, EPS)
+    grads = dict(zip(NAMES, span_boundary.backward(dy.half(), *mixed, EPS, [True] * 13)))
+    assert out.dtype == torch_out.dtype == torch.float16
+    assert_within_2x_of_torch(out, torch_out, oracle_out, name="autocast layout out")
+    for name, want in oracle.items():
+        assert grads[name].dtype == torch_grads[name].dtype, name
+        assert_within_2x_of_torch(grads[name], torch_grads[name], want,
+                                  name=f"autocast layout {name}")
