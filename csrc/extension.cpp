@@ -1,5 +1,5 @@
-// Registration of the spanbert_fast operators, their shared input checks, and the
-// torch-facing wrapper of the CUDA kernels (compiled only when SBF_WITH_CUDA is defined).
+// Registration of the spanbert_fast operators, the input checks of word_starts, and the
+// torch-facing wrappers of the CUDA kernels (compiled only when SBF_WITH_CUDA is defined).
 //
 // TORCH_LIBRARY_FRAGMENT, not TORCH_LIBRARY: the `spanbert_fast` namespace is shared with
 // the ops that spanbert_fast/ops.py registers from Python through torch.library.custom_op.
@@ -9,10 +9,13 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "span_masking.h"
 #include "span_masking_core.h"
 #include "word_starts.h"
 
 #ifdef SBF_WITH_CUDA
+#include <ATen/ops/cat.h>
+#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,6 +30,19 @@ extern "C" int sbf_word_starts_cuda_launch(const int64_t* input_ids,
                                            bool* out,
                                            unsigned long long* first_bad_index,
                                            int64_t numel,
+                                           void* stream);
+
+// Defined in span_masking_cuda.cu; see there for the contract.
+extern "C" int sbf_span_masking_cuda_launch(const spanbert_fast::core::SpanMaskingParams* params,
+                                            const spanbert_fast::core::SpanMaskingTensors* tensors,
+                                            int32_t* maskable_positions,
+                                            uint8_t* position_flags,
+                                            unsigned long long* first_bad_index,
+                                            void* stream);
+extern "C" int sbf_sbo_targets_cuda_launch(const spanbert_fast::core::SpanMaskingParams* params,
+                                           const spanbert_fast::core::SpanMaskingTensors* tensors,
+                                           const int64_t* first_target,
+                                           int64_t* sbo_targets,
                                            void* stream);
 #endif
 
@@ -110,6 +126,76 @@ at::Tensor word_starts_cuda(const at::Tensor& input_ids, const at::Tensor& is_co
   }
   return out;
 }
+
+SpanMaskingResult span_masking_cuda(
+    const at::Tensor& input_ids, const at::Tensor& token_flags,
+    const std::optional<at::Tensor>& attention_mask,
+    const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& unigram_cdf, int64_t seed, int64_t mask_token_id,
+    int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
+    c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
+    int64_t max_span_len) {
+  const SpanMaskingArguments arguments{
+      seed, mask_token_id, mask_ratio_numerator, mask_ratio_denominator,
+      std::vector<int64_t>(span_word_thresholds.begin(), span_word_thresholds.end()),
+      mask_threshold, random_threshold, max_span_len};
+  const core::SpanMaskingParams params = check_span_masking_inputs(
+      input_ids, token_flags, attention_mask, word_starts, offsets, unigram_cdf, arguments);
+  const c10::cuda::CUDAGuard device_guard(input_ids.device());
+  const at::Tensor ids = input_ids.contiguous();
+  const at::Tensor flags = token_flags.contiguous();
+  const at::Tensor mask = attention_mask_as_bool(attention_mask);
+  const at::Tensor starts = word_starts.has_value() ? word_starts->contiguous() : at::Tensor();
+  const at::Tensor row_offsets = offsets.contiguous();
+  const at::Tensor cdf = unigram_cdf.has_value() ? unigram_cdf->contiguous() : at::Tensor();
+  at::Tensor masked_ids = at::empty(ids.sizes(), ids.options());
+  at::Tensor labels = at::empty(ids.sizes(), ids.options());
+  if (ids.numel() == 0) {
+    return {masked_ids, labels, at::empty({0, 5}, ids.options())};
+  }
+  at::Tensor sbo_counts = at::empty({params.batch}, ids.options());
+  at::Tensor maskable_positions = at::empty(ids.sizes(), ids.options().dtype(at::kInt));
+  at::Tensor position_flags = at::empty(ids.sizes(), ids.options().dtype(at::kByte));
+  at::Tensor first_bad_index = at::full({1}, core::kNoBadIndex, ids.options());
+
+  core::SpanMaskingTensors tensors{};
+  tensors.input_ids = ids.const_data_ptr<int64_t>();
+  tensors.token_flags = flags.const_data_ptr<uint8_t>();
+  tensors.attention_mask = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  tensors.word_starts = starts.defined() ? starts.const_data_ptr<bool>() : nullptr;
+  tensors.offsets = row_offsets.const_data_ptr<int64_t>();
+  tensors.unigram_cdf = cdf.defined() ? cdf.const_data_ptr<int64_t>() : nullptr;
+  tensors.masked_ids = masked_ids.mutable_data_ptr<int64_t>();
+  tensors.labels = labels.mutable_data_ptr<int64_t>();
+  tensors.sbo_counts = sbo_counts.mutable_data_ptr<int64_t>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  int error = sbf_span_masking_cuda_launch(
+      &params, &tensors, maskable_positions.mutable_data_ptr<int32_t>(),
+      position_flags.mutable_data_ptr<uint8_t>(),
+      reinterpret_cast<unsigned long long*>(first_bad_index.mutable_data_ptr<int64_t>()),
+      stream);
+  TORCH_CHECK(error == 0, "span_masking: CUDA kernel launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(error)));
+  // Each row's place in the flat SBO table, and one device-to-host copy (the op's only
+  // sync): the number of targets, which sizes the output, and the first bad id, which
+  // becomes an error that names its position instead of a device assert.
+  const at::Tensor ends = at::cumsum(sbo_counts, 0);
+  const at::Tensor first_target = ends.sub(sbo_counts);
+  const at::Tensor summary = at::cat({ends.slice(0, params.batch - 1), first_bad_index}).cpu();
+  const int64_t total = summary[0].item<int64_t>();
+  const int64_t bad = summary[1].item<int64_t>();
+  if (bad != core::kNoBadIndex) {
+    raise_span_masking_id_out_of_range(ids, params.vocab_size, bad);
+  }
+  at::Tensor sbo_targets = at::empty({total, 5}, ids.options());
+  if (total > 0) {
+    error = sbf_sbo_targets_cuda_launch(&params, &tensors, first_target.const_data_ptr<int64_t>(),
+                                        sbo_targets.mutable_data_ptr<int64_t>(), stream);
+    TORCH_CHECK(error == 0, "span_masking: CUDA kernel launch failed (SBO targets): ",
+                cudaGetErrorString(static_cast<cudaError_t>(error)));
+  }
+  return {masked_ids, labels, sbo_targets};
+}
 #endif
 
 }  // namespace spanbert_fast
@@ -118,14 +204,35 @@ TORCH_LIBRARY_FRAGMENT(spanbert_fast, m) {
   m.def(
       "word_starts(Tensor input_ids, Tensor is_continuation, Tensor? attention_mask=None) "
       "-> Tensor");
+  // The span-masking sampler; spanbert_fast/masking.py (SpanMasker) documents the
+  // arguments and builds the tables and thresholds. Outputs, int64: the masked ids and the
+  // MLM labels (-100 = not masked), (batch, seq) each, and the SBO targets (N, 5) rows
+  // (row, left, right, rel_pos, label), by row then position (N depends on the data).
+  m.def(
+      "span_masking(Tensor input_ids, Tensor token_flags, Tensor? attention_mask, "
+      "Tensor? word_starts, Tensor offsets, Tensor? unigram_cdf, int seed, int mask_token_id, "
+      "int mask_ratio_numerator, int mask_ratio_denominator, int[] span_word_thresholds, "
+      "int mask_threshold, int random_threshold, int max_span_len) "
+      "-> (Tensor masked_ids, Tensor labels, Tensor sbo_targets)");
+  // Test-only: the span lengths (in words) that the sampler's own draw function gives the
+  // stream (seed, offset), before any merging; (len(offsets), count) int64, CPU.
+  m.def(
+      "sample_span_lengths(int seed, Tensor offsets, int count, int[] span_word_thresholds) "
+      "-> Tensor");
+  // Test-only: raw Philox4x32-10 blocks, for the known-answer test.
+  m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(spanbert_fast, CPU, m) {
   m.impl("word_starts", &spanbert_fast::word_starts_cpu);
+  m.impl("span_masking", &spanbert_fast::span_masking_cpu);
+  m.impl("sample_span_lengths", &spanbert_fast::sample_span_lengths_cpu);
+  m.impl("philox4x32_10", &spanbert_fast::philox4x32_10_cpu);
 }
 
 #ifdef SBF_WITH_CUDA
 TORCH_LIBRARY_IMPL(spanbert_fast, CUDA, m) {
   m.impl("word_starts", &spanbert_fast::word_starts_cuda);
+  m.impl("span_masking", &spanbert_fast::span_masking_cuda);
 }
 #endif

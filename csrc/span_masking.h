@@ -1,0 +1,74 @@
+// spanbert_fast::span_masking (and its test-only companions): declarations shared by the
+// CPU ops, the CUDA wrapper and the registration (extension.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "span_masking_core.h"
+
+namespace spanbert_fast {
+
+// The op's scalar arguments as they come from the schema (see extension.cpp).
+struct SpanMaskingArguments {
+  int64_t seed;
+  int64_t mask_token_id;
+  int64_t mask_ratio_numerator;
+  int64_t mask_ratio_denominator;
+  std::vector<int64_t> span_word_thresholds;
+  int64_t mask_threshold;
+  int64_t random_threshold;
+  int64_t max_span_len;
+};
+
+// Checks every argument of span_masking (dtypes, ranks, shapes, devices, ranges of the
+// scalars and tables) with a TORCH_CHECK that names it, and returns the kernel
+// parameters. The id range is checked by the kernels while they run.
+core::SpanMaskingParams check_span_masking_inputs(
+    const at::Tensor& input_ids, const at::Tensor& token_flags,
+    const std::optional<at::Tensor>& attention_mask,
+    const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& unigram_cdf, const SpanMaskingArguments& arguments);
+
+// Raises the error for an id outside [0, vocab_size) at flat index `flat_index`.
+void raise_span_masking_id_out_of_range(const at::Tensor& input_ids, int64_t vocab_size,
+                                        int64_t flat_index);
+
+// (masked_ids, labels, sbo_targets): (batch, seq), (batch, seq) and (N, 5) int64,
+// contiguous; sbo_targets rows (row, left, right, rel_pos, label) sorted by row, position.
+using SpanMaskingResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+SpanMaskingResult span_masking_cpu(
+    const at::Tensor& input_ids, const at::Tensor& token_flags,
+    const std::optional<at::Tensor>& attention_mask,
+    const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& unigram_cdf, int64_t seed, int64_t mask_token_id,
+    int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
+    c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
+    int64_t max_span_len);
+
+#ifdef SBF_WITH_CUDA
+SpanMaskingResult span_masking_cuda(
+    const at::Tensor& input_ids, const at::Tensor& token_flags,
+    const std::optional<at::Tensor>& attention_mask,
+    const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& unigram_cdf, int64_t seed, int64_t mask_token_id,
+    int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
+    c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
+    int64_t max_span_len);
+#endif
+
+// Test-only: (len(offsets), count) int64 span lengths in words, drawn by the sampler's own
+// draw_span_words from the stream of (seed, offset) of each row.
+at::Tensor sample_span_lengths_cpu(int64_t seed, const at::Tensor& offsets, int64_t count,
+                                   c10::IntArrayRef span_word_thresholds);
+
+// Test-only: Philox4x32-10 blocks. counter (n, 4) and key (n, 2) int64 holding uint32
+// values -> (n, 4) int64 holding the uint32 outputs.
+at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key);
+
+}  // namespace spanbert_fast
