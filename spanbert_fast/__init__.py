@@ -19,6 +19,7 @@ from .modeling import (
 )
 from . import masking, ops
 from .accelerate import AccelerationError, accelerate, is_accelerated
+from .masking import SpanMasker, SpanMaskingCollator, SpanMaskingOutput
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,9 @@ __all__ = [
     "SpanBertPreTrainingOutput",
     "SpanBertQuestionAnsweringOutput",
     "SBO_TARGET_FIELDS",
+    "SpanMasker",
+    "SpanMaskingCollator",
+    "SpanMaskingOutput",
     "ops",
     "masking",
     "accelerate",
