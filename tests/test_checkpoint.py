@@ -472,3 +472,14 @@ def test_save_creates_nested_directory_and_refuses_a_file(tmp_path):
     assert (target / "model.safetensors").exists()
     with pytest.raises(NotADirectoryError):
         checkpoint.save_pretrained(_ours(SpanBertModel), target / "model.safetensors")
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the final files must get the mode a
+    plain open() gives them, or another user of a shared checkpoint directory cannot read it."""
+    model = SpanBertModel(SpanBertConfig.tiny(), backend="torch")
+    model.save_pretrained(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

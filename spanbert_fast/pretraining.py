@@ -1,0 +1,644 @@
+"""SpanBERT pretraining: the loop behind ``spanbert-fast pretrain``.
+
+One optimizer step consumes ``batch_size`` blocks (the global batch, over all processes and
+accumulation steps): global indices ``step * batch_size ... + batch_size - 1`` (see
+:mod:`spanbert_fast.corpus`). Micro-batch ``m`` of process ``r`` takes the slice
+``m * world * micro + r * micro ...`` of them. Every block is masked by
+:class:`~spanbert_fast.masking.SpanMaskingCollator` with its global index as the random
+stream's offset, and the loss is the global batch's mean MLM cross-entropy plus its mean
+SBO cross-entropy (each process weights its means by its share of the targets), so a run
+gives the same result on any number of processes up to the order of floating-point sums.
+
+Checkpoints (``OUT/checkpoint-STEP/``) hold the model in transformers' layout
+(``config.json`` + ``model.safetensors``), the tokenizer, ``training_state.pt``
+(optimizer, schedule, loss scaler, sampler counter, data position, options) and one
+``rng_state_rank{R}.pt`` per process (its RNG states and a digest of its parameters). A
+checkpoint is assembled in a hidden temporary directory and renamed into place, so a
+killed run leaves complete checkpoints only, and ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .config import SpanBertConfig
+from .corpus import BlockOrder, PackedBlocks, pack_corpus, read_corpus
+from .input_files import InputError
+from .masking import SpanMasker, SpanMaskingCollator
+from .modeling import SpanBertForPreTraining
+from .tokenization import WordPieceTokenizer, load_tokenizer, train_tokenizer
+from .training import (adamw_parameter_groups, autocast, make_grad_scaler, resolve_device,
+                       resolve_precision, rng_state, seed_everything, set_rng_state,
+                       warmup_then_decay)
+
+__all__ = ["PretrainOptions", "PretrainResult", "run_pretraining", "find_checkpoint",
+           "CHECKPOINT_PREFIX", "TRAINING_STATE_FILE", "LOG_FILE"]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_STATE_FILE = "training_state.pt"
+RNG_STATE_FILE = "rng_state_rank{rank}.pt"
+LOG_FILE = "train_log.jsonl"
+STATE_FORMAT = 1
+# Options that decide which data each step sees and how it is masked: changing any of them
+# on --resume makes the run differ from an uninterrupted one.
+_EXACT_RESUME_OPTIONS = ("seq_len", "batch_size", "seed", "mask_ratio", "geometric_p",
+                         "max_span_words", "lr", "warmup_steps", "lr_decay_power",
+                         "max_steps", "weight_decay", "adam_beta1", "adam_beta2",
+                         "adam_eps", "max_grad_norm")
+
+
+@dataclass
+class PretrainOptions:
+    """Options of ``spanbert-fast pretrain`` (see ``--help`` for each)."""
+
+    corpus: str
+    out: str
+    max_steps: int
+    vocab: Optional[str] = None
+    train_tokenizer: Optional[int] = None
+    lowercase: bool = False
+    config: str = "base"
+    seq_len: Optional[int] = None
+    batch_size: int = 256
+    grad_accum_steps: int = 1
+    # SpanBERT's optimiser: AdamW, peak lr 1e-4, eps 1e-8, 10k warm-up steps, linear decay.
+    lr: float = 1e-4
+    warmup_steps: Optional[int] = None
+    lr_decay_power: float = 1.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    mask_ratio: float = 0.15
+    geometric_p: float = 0.2
+    max_span_words: int = 10
+    precision: str = "auto"
+    device: str = "auto"
+    backend: str = "auto"
+    seed: int = 0
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class PretrainResult:
+    """What a run did: one record per optimizer step it ran (``step`` counts from 1),
+    the output directory and the last checkpoint written."""
+
+    history: List[Dict[str, float]] = field(default_factory=list)
+    out: str = ""
+    last_checkpoint: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------
+@dataclass
+class _Processes:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _processes_from_env() -> _Processes:
+    """This process's place in a ``torchrun`` launch (RANK / WORLD_SIZE / LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return _Processes(rank=rank, world=world, local_rank=local_rank)
+
+
+def _init_process_group(procs: _Processes, device: torch.device) -> None:
+    if not procs.distributed or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives run on the current device
+    dist.init_process_group(backend=backend, rank=procs.rank, world_size=procs.world)
+    procs.owns_group = True
+
+
+# ---------------------------------------------------------------------------------------
+# Option checks
+# ---------------------------------------------------------------------------------------
+def _positive(name: str, value: Any) -> None:
+    if value is None or value <= 0:
+        raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _model_config(spec: str) -> SpanBertConfig:
+    presets = {"tiny": SpanBertConfig.tiny, "base": SpanBertConfig.base,
+               "large": SpanBertConfig.large}
+    if spec in presets:
+        return presets[spec]()
+    if not os.path.exists(spec):
+        raise InputError(f"--config must be tiny, base, large or a config.json path; "
+                         f"{spec!r} does not exist")
+    try:
+        return SpanBertConfig.from_json(spec)
+    except (ValueError, TypeError, OSError, UnicodeDecodeError) as err:
+        raise InputError(f"--config {spec!r}: {err}") from None
+
+
+def _check_options(opts: PretrainOptions, procs: _Processes) -> None:
+    for name in ("max_steps", "batch_size", "grad_accum_steps", "save_every", "log_every",
+                 "lr", "keep_checkpoints"):
+        _positive(name, getattr(opts, name))
+    if opts.resume is None and (opts.vocab is None) == (opts.train_tokenizer is None):
+        raise InputError("give exactly one of --vocab vocab.txt and --train-tokenizer N")
+    if opts.warmup_steps is not None and opts.warmup_steps < 0:
+        raise InputError(f"--warmup-steps must be >= 0, got {opts.warmup_steps}")
+    per_step = procs.world * opts.grad_accum_steps
+    if opts.batch_size % per_step:
+        raise InputError(f"--batch-size {opts.batch_size} (the global batch) must be a multiple "
+                         f"of processes x --grad-accum-steps = {procs.world} x "
+                         f"{opts.grad_accum_steps}")
+    if not 0.0 < opts.mask_ratio < 1.0:
+        raise InputError(f"--mask-ratio must be in (0, 1), got {opts.mask_ratio}")
+    if opts.max_grad_norm < 0 or opts.weight_decay < 0:
+        raise InputError("--max-grad-norm and --weight-decay must be >= 0")
+    if not 0 <= opts.seed < 2**63:
+        raise InputError(f"--seed must be in [0, 2^63), got {opts.seed}")
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------
+def _checkpoint_step(name: str) -> Optional[int]:
+    match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def _checkpoints_in(directory: str) -> List[Tuple[int, str]]:
+    found = []
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            step = _checkpoint_step(name)
+            path = os.path.join(directory, name)
+            if step is not None and os.path.isfile(os.path.join(path, TRAINING_STATE_FILE)):
+                found.append((step, path))
+    return sorted(found)
+
+
+def find_checkpoint(path: str) -> str:
+    """The checkpoint to resume from: ``path`` itself when it is one, else the latest
+    complete ``checkpoint-STEP`` inside it."""
+    if not os.path.exists(path):
+        raise InputError(f"--resume {path!r} does not exist")
+    if os.path.isfile(os.path.join(path, TRAINING_STATE_FILE)):
+        return path
+    found = _checkpoints_in(path)
+    if not found:
+        raise InputError(f"--resume {path!r} holds no checkpoint ({CHECKPOINT_PREFIX}STEP "
+                         f"directory with {TRAINING_STATE_FILE})")
+    return found[-1][1]
+
+
+def _parameter_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save_torch(obj: Any, path: str) -> None:
+    from .checkpoint import _atomic_write
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _write_checkpoint(out: str, step: int, procs: _Processes, model: SpanBertForPreTraining,
+                      tokenizer: WordPieceTokenizer, training_state: Dict[str, Any],
+                      keep: int) -> str:
+    """Every process writes its RNG file into a hidden temporary directory, then the main
+    process adds the rest and renames the directory into place (replacing an older
+    checkpoint of the same step). Returns the checkpoint's path."""
+    final = os.path.join(out, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = os.path.join(out, f".{CHECKPOINT_PREFIX}{step}.tmp")
+    if procs.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    procs.barrier()
+    _save_torch({"rng": rng_state(), "parameters_sha256": _parameter_digest(model)},
+                os.path.join(tmp, RNG_STATE_FILE.format(rank=procs.rank)))
+    procs.barrier()
+    if procs.main:
+        digests = {torch.load(os.path.join(tmp, RNG_STATE_FILE.format(rank=r)),
+                              weights_only=True)["parameters_sha256"] for r in range(procs.world)}
+        if len(digests) != 1:
+            raise RuntimeError(f"the {procs.world} processes hold different parameters at step "
+                               f"{step}: data-parallel training went out of sync")
+        model.save_pretrained(tmp)
+        tokenizer.save(tmp)
+        _save_torch(training_state, os.path.join(tmp, TRAINING_STATE_FILE))
+        old = None
+        if os.path.exists(final):
+            old = os.path.join(out, f".{CHECKPOINT_PREFIX}{step}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        # Prune the older ones; later steps left by a run resumed from an earlier
+        # checkpoint are not counted (this run overwrites them when it gets there).
+        for _, path in [c for c in _checkpoints_in(out) if c[0] <= step][:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    procs.barrier()
+    return final
+
+
+def _rewrite_log(out: str, last_step: int) -> None:
+    """Keep the log entries of steps up to ``last_step`` (those a resumed run keeps)."""
+    path = os.path.join(out, LOG_FILE)
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, "r", encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill
+    from .checkpoint import _atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+    _atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+def _say(procs: _Processes, opts: PretrainOptions, message: str) -> None:
+    if procs.main and opts.progress:
+        from tqdm import tqdm
+        tqdm.write(message, file=sys.stdout)
+
+
+def _given_tokenizer(opts: PretrainOptions, resume_dir: Optional[str]
+                     ) -> Optional[WordPieceTokenizer]:
+    """The tokenizer of the checkpoint (on --resume) or of --vocab; None when it is to be
+    trained on the corpus."""
+    if resume_dir is not None:
+        tokenizer = load_tokenizer(resume_dir)
+        if opts.vocab is not None:
+            given = load_tokenizer(opts.vocab)
+            if given.fingerprint() != tokenizer.fingerprint():
+                raise InputError(f"--vocab {opts.vocab!r} differs from the vocabulary of the "
+                                 f"checkpoint {resume_dir!r}; resume with the same vocabulary")
+        return tokenizer
+    if opts.vocab is not None:
+        return load_tokenizer(opts.vocab)
+    return None
+
+
+def _trained_tokenizer(opts: PretrainOptions, procs: _Processes, corpus) -> WordPieceTokenizer:
+    """Trained once, by the main process (the trainer may break frequency ties differently
+    from one run to the next); the other processes read the files it saved."""
+    if procs.main:
+        tokenizer = train_tokenizer(corpus.lines(), opts.train_tokenizer, lowercase=opts.lowercase)
+        tokenizer.save(opts.out)
+    procs.barrier()
+    return tokenizer if procs.main else load_tokenizer(opts.out)
+
+
+def run_pretraining(opts: PretrainOptions,
+                    step_callback: Optional[Callable[[int, Dict[str, float]], None]] = None
+                    ) -> PretrainResult:
+    """Run (or resume) pretraining. ``step_callback(step, record)`` is called after every
+    optimizer step (and after that step's checkpoint, if any). Raises :class:`InputError`
+    for unusable input; launched under ``torchrun``, joins the process group."""
+    procs = _processes_from_env()
+    _check_options(opts, procs)
+    device = resolve_device(opts.device, procs.local_rank)
+    precision = resolve_precision(opts.precision, device)
+    resume_dir = find_checkpoint(opts.resume) if opts.resume is not None else None
+    state: Optional[Dict[str, Any]] = None
+    if resume_dir is not None:
+        try:
+            state = torch.load(os.path.join(resume_dir, TRAINING_STATE_FILE), weights_only=True)
+        except Exception as err:  # unpickling raises many kinds; the file is the problem
+            raise InputError(f"checkpoint {resume_dir!r}: cannot read {TRAINING_STATE_FILE} "
+                             f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else None
+            raise InputError(f"checkpoint {resume_dir!r} has training-state format "
+                             f"{found!r}, this version reads {STATE_FORMAT}")
+    corpus = read_corpus(opts.corpus)
+    if opts.train_tokenizer is not None and opts.train_tokenizer <= 5 and resume_dir is None:
+        raise InputError(f"--train-tokenizer needs a vocabulary size above 5 (the special "
+                         f"tokens), got {opts.train_tokenizer}")
+    if resume_dir is not None:
+        config = _model_config(resume_dir)
+    else:
+        config = _model_config(opts.config)
+    seq_len = opts.seq_len or min(512, config.max_position_embeddings)
+    if seq_len < 3 or seq_len > config.max_position_embeddings:
+        raise InputError(f"--seq-len must be in [3, {config.max_position_embeddings}] (the "
+                         f"model's max_position_embeddings), got {seq_len}")
+    opts = dataclasses.replace(opts, seq_len=seq_len)
+    if opts.warmup_steps is None:
+        opts = dataclasses.replace(opts, warmup_steps=min(10_000, opts.max_steps // 10))
+    if resume_dir is None and _checkpoints_in(opts.out):
+        raise InputError(f"--out {opts.out!r} already holds checkpoints of another run: pass "
+                         f"--resume {opts.out} to continue it, or choose another directory")
+    tokenizer = _given_tokenizer(opts, resume_dir)
+    if procs.main:
+        os.makedirs(opts.out, exist_ok=True)
+
+    _init_process_group(procs, device)
+    try:
+        if tokenizer is None:
+            tokenizer = _trained_tokenizer(opts, procs, corpus)
+        return _train(opts, procs, device, precision, corpus, tokenizer, config, resume_dir,
+                      state, step_callback)
+    finally:
+        if procs.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@dataclass
+class _Run:
+    """Everything a training step needs."""
+
+    opts: PretrainOptions
+    procs: _Processes
+    device: torch.device
+    precision: str
+    blocks: PackedBlocks
+    order: BlockOrder
+    collator: SpanMaskingCollator
+    model: SpanBertForPreTraining
+    train_model: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    cls_id: int
+    sep_id: int
+
+    @property
+    def micro_batch(self) -> int:
+        return self.opts.batch_size // (self.procs.world * self.opts.grad_accum_steps)
+
+
+def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, precision: str,
+           corpus, tokenizer: WordPieceTokenizer, config: SpanBertConfig,
+           resume_dir: Optional[str], state: Optional[Dict[str, Any]],
+           step_callback) -> PretrainResult:
+    if resume_dir is None:
+        if (tokenizer.vocab_size, tokenizer.pad_id) != (config.vocab_size, config.pad_token_id):
+            if opts.config not in ("tiny", "base", "large"):
+                _say(procs, opts, f"config: vocab_size {config.vocab_size} -> "
+                                  f"{tokenizer.vocab_size} (the tokenizer's)")
+            config = config.replace(vocab_size=tokenizer.vocab_size,
+                                    pad_token_id=tokenizer.pad_id)
+    elif tokenizer.vocab_size > config.vocab_size:
+        raise InputError(f"checkpoint {resume_dir!r}: its tokenizer has {tokenizer.vocab_size} "
+                         f"tokens but its model only {config.vocab_size}")
+    if procs.main:
+        tokenizer.save(opts.out)
+
+    blocks = pack_corpus(corpus, tokenizer, opts.seq_len - 2)
+    _say(procs, opts, f"corpus: {len(corpus.files)} file(s), {len(corpus.documents)} documents, "
+                      f"{blocks.num_tokens:,} tokens in {len(blocks):,} blocks of <= "
+                      f"{opts.seq_len} tokens; vocabulary {tokenizer.vocab_size:,} "
+                      f"({tokenizer.source})")
+
+    seed_everything(opts.seed)
+    if resume_dir is None:
+        model = SpanBertForPreTraining(config, backend=opts.backend)
+    else:
+        model = SpanBertForPreTraining.from_pretrained(resume_dir, backend=opts.backend)
+    model.to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    _say(procs, opts, f"model: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+                      f"{n_params / 1e6:.2f}M parameters; {device.type}, {precision}, "
+                      f"{procs.world} process(es); global batch {opts.batch_size} x "
+                      f"{opts.seq_len} tokens")
+    # Dropout draws differ per process (as they would for more rows in one process).
+    torch.manual_seed(opts.seed + 1 + procs.rank)
+
+    try:
+        masker = SpanMasker(tokenizer.mask_id, tokenizer.vocab_size,
+                            is_continuation=tokenizer.is_continuation().to(device),
+                            special_token_ids=tokenizer.special_token_ids,
+                            mask_ratio=opts.mask_ratio, geometric_p=opts.geometric_p,
+                            max_span_words=opts.max_span_words,
+                            max_span_len=config.sbo_max_targets,
+                            unigram=_random_token_weights(tokenizer), seed=opts.seed)
+    except (TypeError, ValueError) as err:  # --geometric-p, --max-span-words out of range
+        raise InputError(f"span masking options: {err}") from None
+    train_model: torch.nn.Module = model
+    if procs.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(adamw_parameter_groups(model, opts.weight_decay), lr=opts.lr,
+                                  betas=(opts.adam_beta1, opts.adam_beta2), eps=opts.adam_eps)
+    run = _Run(opts=opts, procs=procs, device=device, precision=precision, blocks=blocks,
+               order=BlockOrder(len(blocks), opts.seed),
+               collator=SpanMaskingCollator(masker, pad_token_id=tokenizer.pad_id),
+               model=model, train_model=train_model, optimizer=optimizer,
+               scheduler=warmup_then_decay(optimizer, opts.warmup_steps, opts.max_steps,
+                                           opts.lr_decay_power),
+               scaler=make_grad_scaler(precision, device),
+               cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id)
+
+    start_step = 0
+    if state is not None:
+        start_step = _restore(run, state, resume_dir, tokenizer)
+        _say(procs, opts, f"resumed from {resume_dir} at step {start_step}")
+    if procs.main:
+        _rewrite_log(opts.out, start_step)
+
+    result = PretrainResult(out=opts.out, last_checkpoint=resume_dir)
+    progress = None
+    if procs.main and opts.progress:
+        from tqdm import tqdm
+        progress = tqdm(total=opts.max_steps, initial=start_step, desc="pretrain", unit="step",
+                        dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+    log_handle = (open(os.path.join(opts.out, LOG_FILE), "a", encoding="utf-8")
+                  if procs.main else None)
+    try:
+        for step in range(start_step, opts.max_steps):
+            started = time.perf_counter()
+            record = _train_step(run, step)
+            record["seconds"] = time.perf_counter() - started
+            record["tokens_per_second"] = record["tokens"] / max(record["seconds"], 1e-9)
+            result.history.append(record)
+            if log_handle is not None:
+                log_handle.write(json.dumps(record) + "\n")
+                log_handle.flush()
+            if progress is not None:
+                progress.set_postfix_str(
+                    f"loss {record['loss']:.3f} (mlm {record['mlm_loss']:.3f} sbo "
+                    f"{record['sbo_loss']:.3f}) {record['tokens_per_second']:,.0f} tok/s",
+                    refresh=False)
+                progress.update(1)
+            done = step + 1
+            if done % opts.log_every == 0 or done == opts.max_steps:
+                _say(procs, opts, f"step {done}/{opts.max_steps}  loss {record['loss']:.4f}  "
+                                  f"mlm {record['mlm_loss']:.4f}  sbo {record['sbo_loss']:.4f}  "
+                                  f"lr {record['lr']:.2e}  grad-norm {record['grad_norm']:.3f}  "
+                                  f"{record['tokens_per_second']:,.0f} tok/s")
+            if done % opts.save_every == 0 or done == opts.max_steps:
+                result.last_checkpoint = _write_checkpoint(
+                    opts.out, done, procs, model, tokenizer, _training_state(run, done, tokenizer),
+                    opts.keep_checkpoints)
+            if step_callback is not None:
+                step_callback(done, record)
+    finally:
+        if progress is not None:
+            progress.close()
+        if log_handle is not None:
+            log_handle.close()
+    if procs.main:
+        model.save_pretrained(opts.out)  # the final model beside its tokenizer
+        _say(procs, opts, f"saved the model and tokenizer to {opts.out} "
+                          f"(last checkpoint: {result.last_checkpoint})")
+    procs.barrier()
+    return result
+
+
+def _random_token_weights(tokenizer: WordPieceTokenizer) -> torch.Tensor:
+    """The 10% random replacements draw uniformly from the vocabulary minus special tokens."""
+    weights = torch.ones(tokenizer.vocab_size, dtype=torch.float64)
+    weights[tokenizer.special_token_ids] = 0.0
+    return weights
+
+
+def _micro_batch_examples(run: _Run, step: int, micro_index: int) -> List[Dict[str, Any]]:
+    """This process's share of micro-batch ``micro_index`` of optimizer step ``step``."""
+    size, world = run.micro_batch, run.procs.world
+    first = step * run.opts.batch_size + (micro_index * world + run.procs.rank) * size
+    return [{"input_ids": [run.cls_id] + run.blocks.block(run.order.block_at(g)) + [run.sep_id],
+             "index": g} for g in range(first, first + size)]
+
+
+def _train_step(run: _Run, step: int) -> Dict[str, float]:
+    """One optimizer step (0-based ``step``); returns its record (global losses)."""
+    procs, device = run.procs, run.device
+    batches = [{k: v.to(device, non_blocking=True)
+                for k, v in run.collator(_micro_batch_examples(run, step, m)).items()}
+               for m in range(run.opts.grad_accum_steps)]
+    # Target counts of the whole global batch, so that each process weights its means by
+    # its share and the gradient is that of the global mean losses.
+    counts = torch.tensor([[int((b["labels"] != -100).sum()), b["sbo_targets"].shape[0],
+                            int(b["attention_mask"].sum())] for b in batches],
+                          dtype=torch.float64, device=device)
+    totals = counts.sum(0)
+    if procs.distributed:
+        dist.all_reduce(totals)
+    n_mlm, n_sbo = max(float(totals[0]), 1.0), max(float(totals[1]), 1.0)
+    lr = run.optimizer.param_groups[0]["lr"]
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for m, batch in enumerate(batches):
+        accumulate_only = procs.distributed and m < len(batches) - 1
+        with run.train_model.no_sync() if accumulate_only else contextlib.nullcontext():
+            with autocast(device, run.precision):
+                out = run.train_model(batch["input_ids"], batch["attention_mask"],
+                                      labels=batch["labels"], sbo_targets=batch["sbo_targets"])
+            # DDP averages gradients over processes; the world factor turns that into a sum.
+            objective = procs.world * (out.mlm_loss.float() * (float(counts[m, 0]) / n_mlm) +
+                                       out.sbo_loss.float() * (float(counts[m, 1]) / n_sbo))
+            run.scaler.scale(objective).backward()
+        sums[0] += out.mlm_loss.detach().double() * counts[m, 0]
+        sums[1] += out.sbo_loss.detach().double() * counts[m, 1]
+    if procs.distributed:
+        dist.all_reduce(sums)
+    run.scaler.unscale_(run.optimizer)
+    max_norm = run.opts.max_grad_norm if run.opts.max_grad_norm > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    mlm, sbo = float(sums[0]) / n_mlm, float(sums[1]) / n_sbo
+    return {"step": step + 1, "loss": mlm + sbo, "mlm_loss": mlm, "sbo_loss": sbo, "lr": lr,
+            "grad_norm": float(grad_norm), "tokens": float(totals[2]),
+            "mlm_targets": float(totals[0]), "sbo_targets": float(totals[1])}
+
+
+def _training_state(run: _Run, step: int, tokenizer: WordPieceTokenizer) -> Dict[str, Any]:
+    return {
+        "format": STATE_FORMAT,
+        "step": step,
+        "blocks_consumed": step * run.opts.batch_size,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "sampler": run.collator.state_dict(),
+        "options": dataclasses.asdict(run.opts),
+        "precision": run.precision,
+        "world_size": run.procs.world,
+        "data_fingerprint": run.blocks.fingerprint(),
+        "tokenizer_fingerprint": tokenizer.fingerprint(),
+    }
+
+
+def _warn(procs: _Processes, message: str) -> None:
+    if procs.main:
+        print(f"spanbert-fast: warning: {message}", file=sys.stderr)
+
+
+def _restore(run: _Run, state: Dict[str, Any], resume_dir: str,
+             tokenizer: WordPieceTokenizer) -> int:
+    """Load the optimizer, schedule, scaler, sampler and this process's RNG states; warn
+    about anything that keeps the resumed run from matching an uninterrupted one."""
+    procs = run.procs
+    saved = state.get("options", {})
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(run.opts, k)!r}"
+               for k in _EXACT_RESUME_OPTIONS if k in saved and saved[k] != getattr(run.opts, k)]
+    if changed:
+        _warn(procs, f"resuming with changed options ({'; '.join(changed)}): the run will not "
+                     f"match an uninterrupted one")
+    if state.get("data_fingerprint") != run.blocks.fingerprint():
+        _warn(procs, "the corpus (or its tokenization) differs from the checkpoint's: the "
+                     "resumed run sees different data")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("precision") == run.precision:
+        run.scaler.load_state_dict(state["scaler"])
+    else:
+        _warn(procs, f"checkpoint trained in {state.get('precision')}, resuming in "
+                     f"{run.precision}: the loss scale restarts")
+    run.collator.load_state_dict(state["sampler"])
+    rng_path = os.path.join(resume_dir, RNG_STATE_FILE.format(rank=procs.rank))
+    if os.path.isfile(rng_path) and state.get("world_size") == procs.world:
+        set_rng_state(torch.load(rng_path, weights_only=True)["rng"])
+    else:
+        _warn(procs, f"checkpoint written by {state.get('world_size')} process(es), resumed "
+                     f"on {procs.world}: dropout draws restart from the seed")
+    return int(state["step"])
