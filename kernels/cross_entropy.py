@@ -62,6 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import accumulator_dtype, empty_buffer
+
 __all__ = ["linear_cross_entropy_forward", "forward", "backward", "DEFAULT_CHUNK_BYTES"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -91,15 +93,7 @@ POISON_BUFFERS = False
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    if POISON_BUFFERS:
-        buffer.fill_(float("nan"))
-    return buffer
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    """fp64 statistics for fp64 inputs (the oracle's dtype), fp32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return empty_buffer(shape, dtype, device, POISON_BUFFERS)
 
 
 @triton.jit
@@ -260,7 +254,7 @@ def _linear_cross_entropy(
     n_rows, width = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    acc = _accumulator(hidden.dtype)
+    acc = accumulator_dtype(hidden.dtype)
     need_bias = need_bias and bias is not None
     labels = labels.contiguous()
     n_valid = _count_valid_labels(labels, ignore_index, vocab)

@@ -42,13 +42,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import empty_buffer, gelu_erf, gelu_erf_derivative, tl_accumulator_dtype
+
 __all__ = ["forward", "backward", "forward_with_dropout", "backward_with_dropout"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 # Testing hook: when True, every buffer the launchers allocate (outputs and dbias partials)
 # is filled with NaN first, so an element a kernel fails to write shows up as NaN in the
@@ -57,14 +57,7 @@ POISON_BUFFERS = False
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    if POISON_BUFFERS:
-        buffer.fill_(float("nan"))
-    return buffer
-
-
-def _accumulator(dtype: torch.dtype) -> tl.dtype:
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return empty_buffer(shape, dtype, device, POISON_BUFFERS)
 
 
 # Tile shapes. GPU: a small autotuned set keyed on the feature count (never on the row
@@ -80,19 +73,6 @@ _GPU_CONFIGS = [
 ]
 _INTERPRET_BLOCK_M = 16
 _INTERPRET_MAX_BLOCK_N = 1024
-
-
-@triton.jit
-def _gelu(z):
-    return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
-
-
-@triton.jit
-def _gelu_derivative(z):
-    """d/dz [z * Phi(z)] = Phi(z) + z * phi(z)."""
-    cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
-    pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
-    return cdf + z * pdf
 
 
 @triton.jit
@@ -126,7 +106,7 @@ def _bias_gelu_forward_kernel(
     x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0)
     b = tl.load(BIAS + cols, mask=col_ok, other=0.0)
     z = x.to(ACC_DTYPE) + b.to(ACC_DTYPE)[None, :]
-    y = _gelu(z)
+    y = gelu_erf(z)
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, rows, cols, n_cols, dropout_p)
         y = tl.where(keep, y / (1.0 - dropout_p), 0.0)
@@ -165,7 +145,7 @@ def _bias_gelu_backward_kernel(
         x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0)
         dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask,
                      other=0.0)
-        dx = dy.to(ACC_DTYPE) * _gelu_derivative(x.to(ACC_DTYPE) + b[None, :])  # 0 off-mask
+        dx = dy.to(ACC_DTYPE) * gelu_erf_derivative(x.to(ACC_DTYPE) + b[None, :])  # 0 off-mask
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rows, cols, n_cols, dropout_p)
             dx = tl.where(keep, dx / (1.0 - dropout_p), 0.0)
@@ -263,7 +243,7 @@ def _forward(x: torch.Tensor, bias: torch.Tensor, dropout_p: float, seed: int) -
         return y.view(x.shape)
     args = (x2, bias.contiguous(), y, n_rows, features, float(dropout_p), int(seed),
             x2.stride(0), y.stride(0))
-    flags = dict(HAS_DROPOUT=dropout_p > 0.0, ACC_DTYPE=_accumulator(x.dtype))
+    flags = dict(HAS_DROPOUT=dropout_p > 0.0, ACC_DTYPE=tl_accumulator_dtype(x.dtype))
     if _INTERPRET:
         meta = _interpret_meta(features)
         grid = (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(features, meta["BLOCK_N"]))
@@ -315,7 +295,7 @@ def _backward(grad_output: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
                 n_rows, features, float(dropout_p), int(seed),
                 dy2.stride(0), x2.stride(0), dx.stride(0) if dx is not None else 0, features)
         flags = dict(HAS_DROPOUT=dropout_p > 0.0, STORE_DX=need_dx, COMPUTE_DBIAS=need_dbias,
-                     ACC_DTYPE=_accumulator(acc_torch))
+                     ACC_DTYPE=tl_accumulator_dtype(acc_torch))
         if _INTERPRET:
             meta = _interpret_meta(features)
             _backward_launch[(programs, triton.cdiv(features, meta["BLOCK_N"]))](

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import empty_buffer, tl_accumulator_dtype
+
 __all__ = ["forward", "backward", "MAX_FUSED_BYTES"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -49,10 +51,7 @@ POISON_BUFFERS = False
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    if POISON_BUFFERS:
-        buffer.fill_(float("nan"))
-    return buffer
+    return empty_buffer(shape, dtype, device, POISON_BUFFERS)
 
 
 def _num_warps(block_n: int) -> int:
@@ -77,11 +76,6 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
     else:
         cap = 4
     return max(1, min(n_rows, cap))
-
-
-def _accumulator(dtype: torch.dtype) -> tl.dtype:
-    """fp64 statistics for fp64 inputs (the oracle's dtype), fp32 for everything else."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @triton.jit
@@ -248,7 +242,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     y = _empty((n_rows, hidden), x.dtype, x.device)
     if n_rows > 0:
         block_n = triton.next_power_of_2(hidden)
-        acc = _accumulator(torch.promote_types(x.dtype, r2.dtype))
+        acc = tl_accumulator_dtype(torch.promote_types(x.dtype, r2.dtype))
         _layer_norm_forward_kernel[(n_rows,)](
             x2, r2, weight, bias, y,
             hidden, float(eps),
@@ -321,7 +315,7 @@ def backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                 partial_stride,
                 BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, STORE_DX=need_dx,
                 STORE_DRESIDUAL=need_dresidual, COMPUTE_DWEIGHT=need_dweight,
-                COMPUTE_DBIAS=need_dbias, ACC_DTYPE=_accumulator(acc_torch),
+                COMPUTE_DBIAS=need_dbias, ACC_DTYPE=tl_accumulator_dtype(acc_torch),
                 num_warps=_num_warps(block_n),
             )
     # A fresh 0-element tensor per slot: the custom op's outputs must not alias each other.

@@ -63,6 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import accumulator_dtype, empty_buffer, gelu_erf, gelu_erf_derivative, tl_accumulator_dtype
+
 __all__ = [
     "forward",
     "backward",
@@ -83,8 +85,6 @@ TENSOR_ARGUMENTS = ("hidden", "left_index", "right_index", "rel_pos", "position_
 # Past 16384 fp32 elements per row the register file would spill.
 _MAX_BLOCK_N = 16384
 
-_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 # Testing hook: when True, every buffer the launchers allocate for a kernel to fill
 # (epilogue outputs, dz, column-sum partials, weight gradients assembled by slices) is
@@ -94,19 +94,7 @@ POISON_BUFFERS = False
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    if POISON_BUFFERS:
-        buffer.fill_(float("nan"))
-    return buffer
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    """fp64 statistics for fp64 inputs (the oracle's dtype), fp32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_accumulator(dtype: torch.dtype) -> tl.dtype:
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return empty_buffer(shape, dtype, device, POISON_BUFFERS)
 
 
 def _num_warps(block_n: int) -> int:
@@ -126,19 +114,6 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
     else:
         cap = 3
     return max(1, min(n_rows, cap))
-
-
-@triton.jit
-def _gelu_erf(z):
-    """Exact GELU ``z * Phi(z)``."""
-    return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
-
-
-@triton.jit
-def _gelu_erf_derivative(z):
-    """``d/dz [z * Phi(z)] = Phi(z) + z * phi(z)``."""
-    cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
-    return cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
 
 
 @triton.jit
@@ -173,7 +148,7 @@ def _bias_gelu_layer_norm_forward_kernel(
     bias = tl.load(BIAS + cols, mask=mask, other=0.0).to(ACC_DTYPE)
     z = _pre_activation(Z, TABLE, TABLE_INDEX, bias, row, cols, mask, stride_z_row,
                         stride_table_row, HAS_TABLE, ACC_DTYPE)
-    a = _gelu_erf(z)  # GELU(0) = 0 on masked lanes
+    a = gelu_erf(z)  # GELU(0) = 0 on masked lanes
     mean = tl.sum(a, axis=0) / n_cols
     # Two-pass variance on the register-resident row: no E[a^2] - E[a]^2 cancellation.
     centered = tl.where(mask, a - mean, 0.0)
@@ -223,7 +198,7 @@ def _bias_gelu_layer_norm_backward_kernel(
         row = first_row + i
         z = _pre_activation(Z, TABLE, TABLE_INDEX, bias, row, cols, mask, stride_z_row,
                             stride_table_row, HAS_TABLE, ACC_DTYPE)
-        a = _gelu_erf(z)
+        a = gelu_erf(z)
         mean = tl.sum(a, axis=0) / n_cols
         centered = tl.where(mask, a - mean, 0.0)
         var = tl.sum(centered * centered, axis=0) / n_cols
@@ -239,7 +214,7 @@ def _bias_gelu_layer_norm_backward_kernel(
             mean_g_ahat = tl.sum(g * a_hat, axis=0) / n_cols
             mean_g = tl.sum(g, axis=0) / n_cols
             da = (g - a_hat * mean_g_ahat - mean_g) * rstd
-            dz = tl.where(mask, da * _gelu_erf_derivative(z), 0.0)
+            dz = tl.where(mask, da * gelu_erf_derivative(z), 0.0)
             if STORE_DZ:
                 tl.store(DZ + row * stride_dz_row + cols, dz.to(DZ.dtype.element_ty),
                          mask=mask)
@@ -332,7 +307,7 @@ def bias_gelu_layer_norm_forward(
         ln_weight.contiguous(), ln_bias.contiguous(), out,
         width, float(eps),
         z.stride(0), table.stride(0), out.stride(0),
-        HAS_TABLE=has_table, ACC_DTYPE=_tl_accumulator(z.dtype), BLOCK_N=block_n,
+        HAS_TABLE=has_table, ACC_DTYPE=tl_accumulator_dtype(z.dtype), BLOCK_N=block_n,
         num_warps=_num_warps(block_n),
     )
     return out
@@ -362,7 +337,7 @@ def bias_gelu_layer_norm_backward(
     dy = _unit_column_stride(grad_output)
     n_rows = z.shape[0]
     device = z.device
-    acc = _accumulator(z.dtype)
+    acc = accumulator_dtype(z.dtype)
     dz = _empty((n_rows, width), z.dtype, device) if need_dz else None
     partials: List[Optional[torch.Tensor]] = [None, None, None]
     wanted = (need_dbias, need_dln_weight, need_dln_bias)
@@ -389,7 +364,7 @@ def bias_gelu_layer_norm_backward(
             dz.stride(0) if dz is not None else 0, width,
             HAS_TABLE=has_table, STORE_DZ=need_dz, COMPUTE_DBIAS=need_dbias,
             COMPUTE_DLN_WEIGHT=need_dln_weight, COMPUTE_DLN_BIAS=need_dln_bias,
-            ACC_DTYPE=_tl_accumulator(z.dtype), BLOCK_N=block_n,
+            ACC_DTYPE=tl_accumulator_dtype(z.dtype), BLOCK_N=block_n,
             num_warps=_num_warps(block_n),
         )
     dbias, dln_weight, dln_bias = (
