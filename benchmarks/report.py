@@ -139,8 +139,9 @@ def format_table(doc: Dict[str, Any]) -> str:
         out.append("skipped:")
         out += [f"  {line}" for line in skipped]
     out.append("")
-    out.append("vs ref = time / the case's speed reference (lower is faster); parity = max "
-               "relative error against the oracle; util = against the ceilings above.")
+    out.append("vs ref = median over timing rounds of time / the case's speed reference's time "
+               "in the same round (lower is faster); parity = max relative error against the "
+               "oracle; util = against the ceilings above.")
     return "\n".join(out)
 
 
@@ -150,9 +151,10 @@ def format_markdown(doc: Dict[str, Any], plots: Dict[str, Optional[str]]) -> str
     lines += ["| | |", "| --- | --- |"]
     lines += [f"| {label} | {value} |" for label, value in format_header(doc)]
     lines += ["", "## Results", "",
-              "`vs ref`: median time / the speed reference's median time in the same run "
-              "(lower is faster; the reference row says `ref`). `parity`: max |row - oracle| / "
-              "max |oracle| over real positions (and every gradient in fwd+bwd rows).", ""]
+              "`vs ref`: median over the timing rounds of this row's time / the speed "
+              "reference's time in the same round (lower is faster; the reference row says "
+              "`ref`). `parity`: max |row - oracle| / max |oracle| over real positions (and "
+              "every gradient in fwd+bwd rows).", ""]
     speed_refs = OrderedDict()
     for row in doc["rows"]:
         speed_refs.setdefault(row["case"], (row["speed_reference"], row["parity_oracle"]))

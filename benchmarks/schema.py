@@ -43,7 +43,8 @@ A row (every key present; null where not applicable)::
     time_s              float  median seconds per call               (ok rows)
     ratio_to_reference  float  median over timing rounds of (time / the reference's time
                                in the same round)                    (ok rows)
-    ratio_round_spread  float  max / min - 1 of those per-round ratios (its noise)
+    ratio_round_spread  float  max / min - 1 of those per-round ratios (its noise; may be
+                               absent from files written before it was added)
     tokens              int    real tokens (or rows) per call
     tokens_per_s        float
     flops, flops_per_s  float  useful FLOPs per call (benchmarks/formulas.py) and rate
@@ -81,6 +82,8 @@ _ROW_REQUIRED = {
     "speed_reference": str, "is_reference": bool, "tokens": int, "bound": str,
     "parity_oracle": str,
 }
+# Keys added to schema version 1 after its first files were written: a row may lack them.
+_ROW_ADDED_LATER = ("ratio_round_spread",)
 # Present on every row; null allowed (always null on skipped/error rows).
 _ROW_OPTIONAL = {
     "reason": str, "time_s": _NUMBER, "ratio_to_reference": _NUMBER, "tokens_per_s": _NUMBER,
@@ -146,7 +149,8 @@ def validate_result(doc: Any) -> List[str]:
                 _check(f"{where}.{key}", row[key], expected, problems)
         for key, expected in _ROW_OPTIONAL.items():
             if key not in row:
-                problems.append(f"{where}: missing {key!r} (null allowed)")
+                if key not in _ROW_ADDED_LATER:
+                    problems.append(f"{where}: missing {key!r} (null allowed)")
             elif row[key] is not None:
                 _check(f"{where}.{key}", row[key], expected, problems)
         status = row.get("status")

@@ -67,7 +67,7 @@ class TimingPolicy:
     def for_round(self, index: int, device: torch.device) -> "TimingPolicy":
         """The policy of round ``index`` (0-based): an equal share of the budget and of
         the samples; only the first round warms up for long (later rounds follow other
-        parallel work, so the OpenMP workers are already awake)."""
+        parallel work, so the OpenMP workers are mostly awake)."""
         rounds = self.rounds(device)
         if rounds == 1:
             return self
@@ -77,8 +77,10 @@ class TimingPolicy:
                        cpu_warmup_s=self.cpu_warmup_s if index == 0 else 0.02, cpu_rounds=1)
 
 
-# Quick CPU: 5 rounds of 0.08 s; on the 2-core VM two identical runs still differed by
-# 5-15 % (mean) in most rows' ratios: see benchmarks/README.md before gating a CPU run.
+# Quick CPU: 5 rounds of 0.08 s. On the idle 2-core VM three runs of the same code gave
+# ratios within 6-7 % of each other on average (90th percentile 14 %), but sub-millisecond
+# rows (attention against CPU sdpa) moved by up to 50 %: their own times swing 2x between
+# blocks of calls there. Gate CPU runs loosely (benchmarks/README.md).
 QUICK_POLICY = TimingPolicy(cpu_budget_s=0.4, cpu_min_samples=5, cpu_warmup_calls=1,
                             cpu_warmup_s=0.1, gpu_warmup_ms=25, gpu_rep_ms=100, cpu_rounds=5)
 FULL_POLICY = TimingPolicy(cpu_budget_s=1.0, cpu_min_samples=5, cpu_warmup_calls=2,
