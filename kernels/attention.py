@@ -74,6 +74,14 @@ def _dropout_keep(seed, batch_head, offs_m, offs_n, max_seqlen, dropout_p):
 
 
 @triton.jit
+def _batch_and_head(batch_head, num_heads):
+    """(batch, head) of a program as int64: ``batch * stride_batch`` passes 2**31 once a
+    tensor has more elements than that (e.g. 5,462 x 512 tokens at hidden 768), and int32
+    arithmetic would wrap to a wrong address."""
+    return (batch_head // num_heads).to(tl.int64), (batch_head % num_heads).to(tl.int64)
+
+
+@triton.jit
 def _sequence_bounds(CU_SEQLENS, KEY_LENGTHS, batch, max_seqlen, VARLEN: tl.constexpr,
                      HAS_KEY_LENGTHS: tl.constexpr):
     """(first token, number of query rows, number of valid keys) of one sequence."""
@@ -82,6 +90,7 @@ def _sequence_bounds(CU_SEQLENS, KEY_LENGTHS, batch, max_seqlen, VARLEN: tl.cons
         end = tl.load(CU_SEQLENS + batch + 1)
         q_len = end - start
         k_len = q_len
+        start = start.to(tl.int64)  # start * stride_token passes 2**31 past ~2.8M tokens
     else:
         start = 0
         q_len = max_seqlen
@@ -107,8 +116,7 @@ def _attention_forward_kernel(
 ):
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
-    batch = batch_head // num_heads
-    head = batch_head % num_heads
+    batch, head = _batch_and_head(batch_head, num_heads)
     start, q_len, k_len = _sequence_bounds(CU_SEQLENS, KEY_LENGTHS, batch, max_seqlen,
                                            VARLEN, HAS_KEY_LENGTHS)
     if block_m * BLOCK_M >= q_len:
@@ -176,8 +184,7 @@ def _attention_backward_delta_kernel(
     """delta[b, h, i] = sum_d dO[i, d] * O[i, d] (fp32): the row term of softmax's backward."""
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
-    batch = batch_head // num_heads
-    head = batch_head % num_heads
+    batch, head = _batch_and_head(batch_head, num_heads)
     start, q_len, _ = _sequence_bounds(CU_SEQLENS, CU_SEQLENS, batch, max_seqlen, VARLEN, False)
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -208,8 +215,7 @@ def _attention_backward_dkdv_kernel(
     """One key block: dV = sum_i P^T dO, dK = scale * sum_i dS^T Q over all query blocks."""
     block_n = tl.program_id(0)
     batch_head = tl.program_id(1)
-    batch = batch_head // num_heads
-    head = batch_head % num_heads
+    batch, head = _batch_and_head(batch_head, num_heads)
     start, q_len, k_len = _sequence_bounds(CU_SEQLENS, KEY_LENGTHS, batch, max_seqlen,
                                            VARLEN, HAS_KEY_LENGTHS)
     # Rows that exist in memory for this sequence: padded keys exist (their gradient is 0
@@ -291,8 +297,7 @@ def _attention_backward_dq_kernel(
     """One query block: dQ = scale * sum_j dS K over the valid key blocks."""
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
-    batch = batch_head // num_heads
-    head = batch_head % num_heads
+    batch, head = _batch_and_head(batch_head, num_heads)
     start, q_len, k_len = _sequence_bounds(CU_SEQLENS, KEY_LENGTHS, batch, max_seqlen,
                                            VARLEN, HAS_KEY_LENGTHS)
     if block_m * BLOCK_M >= q_len:

@@ -306,3 +306,69 @@ def test_backward_takes_a_non_contiguous_lse():
     oracle = _reference_with_grads(tensors, torch.float64, "padded", mask, cu_seqlens, seq)
     for name, g, o in zip(("dq", "dk", "dv"), grads, oracle[1:]):
         assert_close(g, o, max_rel=FP32_REL, name=f"non-contiguous lse {name}")
+
+
+def _views_into_one_huge_storage(layout, heads, head_dim, lengths, far_stride, device):
+    """q, k, v, out and dout as views of one fp16 storage of more than 2**31 elements whose
+    batch (padded) or token (packed) stride is ``far_stride``: the last sequence starts past
+    element 2**31. ``torch.empty`` only commits the pages that are written, so this costs a
+    few MB of memory on the CPU, not the ~5 GB of address space it spans (on a GPU the
+    whole storage is allocated)."""
+    generator = torch.Generator().manual_seed(3)
+    seq, row = max(lengths), heads * head_dim
+    if layout == "padded":
+        batch = len(lengths)
+        shape, strides = (batch, heads, seq, head_dim), (far_stride, head_dim, row, 1)
+        first_of_last = (batch - 1) * far_stride
+    else:
+        shape, strides = (sum(lengths), heads, head_dim), (far_stride, head_dim, 1)
+        first_of_last = (sum(lengths) - 1) * far_stride
+    storage = torch.empty(first_of_last + 5 * seq * row, dtype=torch.float16, device=device)
+    views = []
+    for slot in range(5):  # q, k, v, out, dout side by side within each far-strided block
+        view = storage.as_strided(shape, strides, slot * seq * row)
+        view.copy_(torch.randn(shape, generator=generator).half().to(device))
+        views.append(view)
+    return views
+
+
+FAR_STRIDES = [("padded", 2**30), ("packed", 2**25 + 64)]
+
+
+@pytest.mark.parametrize("layout, far_stride", FAR_STRIDES)
+def test_offsets_past_2_31_elements_do_not_wrap(layout, far_stride, device="cpu"):
+    """Tensors of more than 2**31 elements (padded: more than 5,461 sequences of 512 at
+    hidden 768; packed: more than 2.8M tokens) put a sequence's first element past int32.
+    The kernels computed ``batch * stride_batch`` and ``start * stride_token`` in int32,
+    which wrapped to a negative address: a segfault in the interpreter, wrong memory on the
+    GPU. The same values, laid out small and contiguous, must give bit-identical results."""
+    heads, head_dim, lengths = 2, 16, (64, 16, 40)
+    q, k, v, out, dout = _views_into_one_huge_storage(layout, heads, head_dim, lengths,
+                                                      far_stride, device)
+    seq, scale = max(lengths), 0.25
+    last_start = far_stride * ((len(lengths) - 1) if layout == "padded" else sum(lengths[:-1]))
+    assert far_stride < 2**31 <= last_start  # each stride fits int32; their product does not
+    cu = (torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                       device=device) if layout == "packed" else None)
+    key_lengths = (torch.tensor(lengths, dtype=torch.int32, device=device)
+                   if layout == "padded" else None)
+    out, lse = attention_kernel.attention_forward(q, k, v, key_lengths, cu, seq, scale, 0.0, 0,
+                                                  out=out)
+    grads = attention_kernel.attention_backward(dout, q, k, v, out, lse, key_lengths, cu, seq,
+                                                scale, 0.0, 0)
+    small = [t.contiguous() for t in (q, k, v, dout)]
+    out_small, lse_small = attention_kernel.attention_forward(*small[:3], key_lengths, cu, seq,
+                                                              scale, 0.0, 0)
+    grads_small = attention_kernel.attention_backward(small[3], *small[:3], out_small,
+                                                      lse_small, key_lengths, cu, seq, scale,
+                                                      0.0, 0)
+    assert torch.isfinite(out_small).all()
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads),
+                               (out_small, *grads_small)):
+        assert torch.equal(got, want), f"{layout} {name}: results past 2**31 elements differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout, far_stride", FAR_STRIDES)
+def test_gpu_offsets_past_2_31_elements_do_not_wrap(layout, far_stride):
+    test_offsets_past_2_31_elements_do_not_wrap(layout, far_stride, device="cuda")
