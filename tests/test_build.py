@@ -402,3 +402,38 @@ def test_cuda_source_compiles_alone(source, tmp_path):
                str(source)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr}"
+
+
+def _cuda_include_dir():
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    for home in candidates:
+        if home and (Path(home) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(home) / "include"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include_dir() is None,
+                    reason="needs g++ and the CUDA toolkit's headers")
+def test_cuda_wrappers_in_extension_cpp_compile(tmp_path):
+    """extension.cpp's torch-facing CUDA wrappers sit behind SBF_WITH_CUDA, which a CPU
+    build of torch never defines: without this check a typo there would only show on a
+    GPU machine's build. A syntax-only compile against torch's headers and the CUDA
+    toolkit's; the CPU wheel lacks one generated header (c10/cuda/impl/cuda_cmake_macros.h),
+    which an empty stand-in replaces."""
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n")
+    from torch.utils.cpp_extension import include_paths
+    import sysconfig
+    command = ["g++", "-std=c++20", "-fsyntax-only", "-DSBF_WITH_CUDA", "-I", str(REPO_ROOT / "csrc"),
+               "-I", str(tmp_path), "-I", str(_cuda_include_dir()),
+               "-I", sysconfig.get_paths()["include"]]
+    for path in include_paths():
+        command += ["-I", path]
+    command.append(str(REPO_ROOT / "csrc" / "extension.cpp"))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
