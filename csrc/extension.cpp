@@ -135,38 +135,22 @@ SpanMaskingResult span_masking_cuda(
     int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
     c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
     int64_t max_span_len) {
-  const SpanMaskingArguments arguments{
-      seed, mask_token_id, mask_ratio_numerator, mask_ratio_denominator,
-      std::vector<int64_t>(span_word_thresholds.begin(), span_word_thresholds.end()),
-      mask_threshold, random_threshold, max_span_len};
-  const core::SpanMaskingParams params = check_span_masking_inputs(
-      input_ids, token_flags, attention_mask, word_starts, offsets, unigram_cdf, arguments);
   const c10::cuda::CUDAGuard device_guard(input_ids.device());
-  const at::Tensor ids = input_ids.contiguous();
-  const at::Tensor flags = token_flags.contiguous();
-  const at::Tensor mask = attention_mask_as_bool(attention_mask);
-  const at::Tensor starts = word_starts.has_value() ? word_starts->contiguous() : at::Tensor();
-  const at::Tensor row_offsets = offsets.contiguous();
-  const at::Tensor cdf = unigram_cdf.has_value() ? unigram_cdf->contiguous() : at::Tensor();
-  at::Tensor masked_ids = at::empty(ids.sizes(), ids.options());
-  at::Tensor labels = at::empty(ids.sizes(), ids.options());
+  PreparedSpanMasking prepared = prepare_span_masking(
+      input_ids, token_flags, attention_mask, word_starts, offsets, unigram_cdf, seed,
+      mask_token_id, mask_ratio_numerator, mask_ratio_denominator, span_word_thresholds,
+      mask_threshold, random_threshold, max_span_len);
+  const core::SpanMaskingParams& params = prepared.params;
+  const at::Tensor& ids = prepared.ids;
   if (ids.numel() == 0) {
-    return {masked_ids, labels, at::empty({0, 5}, ids.options())};
+    return {prepared.masked_ids, prepared.labels, at::empty({0, 5}, ids.options())};
   }
   at::Tensor sbo_counts = at::empty({params.batch}, ids.options());
   at::Tensor maskable_positions = at::empty(ids.sizes(), ids.options().dtype(at::kInt));
   at::Tensor position_flags = at::empty(ids.sizes(), ids.options().dtype(at::kByte));
   at::Tensor first_bad_index = at::full({1}, core::kNoBadIndex, ids.options());
 
-  core::SpanMaskingTensors tensors{};
-  tensors.input_ids = ids.const_data_ptr<int64_t>();
-  tensors.token_flags = flags.const_data_ptr<uint8_t>();
-  tensors.attention_mask = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  tensors.word_starts = starts.defined() ? starts.const_data_ptr<bool>() : nullptr;
-  tensors.offsets = row_offsets.const_data_ptr<int64_t>();
-  tensors.unigram_cdf = cdf.defined() ? cdf.const_data_ptr<int64_t>() : nullptr;
-  tensors.masked_ids = masked_ids.mutable_data_ptr<int64_t>();
-  tensors.labels = labels.mutable_data_ptr<int64_t>();
+  core::SpanMaskingTensors& tensors = prepared.tensors;
   tensors.sbo_counts = sbo_counts.mutable_data_ptr<int64_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   int error = sbf_span_masking_cuda_launch(
@@ -194,7 +178,7 @@ SpanMaskingResult span_masking_cuda(
     TORCH_CHECK(error == 0, "span_masking: CUDA kernel launch failed (SBO targets): ",
                 cudaGetErrorString(static_cast<cudaError_t>(error)));
   }
-  return {masked_ids, labels, sbo_targets};
+  return {prepared.masked_ids, prepared.labels, sbo_targets};
 }
 #endif
 

@@ -34,6 +34,26 @@ core::SpanMaskingParams check_span_masking_inputs(
     const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
     const std::optional<at::Tensor>& unigram_cdf, const SpanMaskingArguments& arguments);
 
+// One span_masking call as both devices start it: the inputs checked and made contiguous
+// on their device (the mask as bool), the two (batch, seq) outputs allocated, and the
+// kernels' view of them in `tensors` (pointers into the tensors held here; sbo_counts is
+// left null for the caller, whose storage for it differs by device). The CUDA wrapper
+// enters its device guard before calling this.
+struct PreparedSpanMasking {
+  core::SpanMaskingParams params;
+  at::Tensor ids, flags, mask, starts, row_offsets, cdf, masked_ids, labels;
+  core::SpanMaskingTensors tensors;
+};
+
+PreparedSpanMasking prepare_span_masking(
+    const at::Tensor& input_ids, const at::Tensor& token_flags,
+    const std::optional<at::Tensor>& attention_mask,
+    const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& unigram_cdf, int64_t seed, int64_t mask_token_id,
+    int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
+    c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
+    int64_t max_span_len);
+
 // Raises the error for an id outside [0, vocab_size) at flat index `flat_index`.
 void raise_span_masking_id_out_of_range(const at::Tensor& input_ids, int64_t vocab_size,
                                         int64_t flat_index);
