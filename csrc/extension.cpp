@@ -86,7 +86,9 @@ at::Tensor attention_mask_as_bool(const std::optional<at::Tensor>& attention_mas
     return at::Tensor();
   }
   const at::Tensor& mask = *attention_mask;
-  return mask.scalar_type() == at::kBool ? mask.contiguous() : mask.ne(0);
+  // ne() keeps the strides of a dense non-contiguous mask (e.g. a transposed one), and the
+  // kernels read the mask as row-major: both branches must be contiguous.
+  return mask.scalar_type() == at::kBool ? mask.contiguous() : mask.ne(0).contiguous();
 }
 
 void raise_token_id_out_of_range(const at::Tensor& input_ids, int64_t table_size,

@@ -506,8 +506,17 @@ class SpanMasker:
         input_ids, attention_mask, word_starts = self._check_call(
             input_ids, attention_mask, word_starts, lengths)
         batch = input_ids.shape[0]
+        counted = offsets is None
+        if counted:  # the counter's next values; it advances only once the batch is masked
+            offsets = list(range(self.sequences_seen, self.sequences_seen + batch))
         offsets = self._offsets_tensor(offsets, batch, input_ids.device)
+        out = self._mask_checked(input_ids, attention_mask, word_starts, offsets)
+        if counted:
+            self.sequences_seen += batch
+        return out
 
+    def _mask_checked(self, input_ids, attention_mask, word_starts, offsets) -> SpanMaskingOutput:
+        """Masks a batch whose arguments ``_check_call`` and ``_offsets_tensor`` accepted."""
         extension = load_extension()
         native_ops = load_native_ops()
         if extension is None or native_ops is None:
@@ -564,7 +573,8 @@ class SpanMasker:
         if lengths is not None:
             if attention_mask is not None:
                 raise ValueError("give attention_mask or lengths, not both")
-            lengths = torch.as_tensor(lengths, device=input_ids.device)
+            lengths = (lengths.to(input_ids.device) if isinstance(lengths, torch.Tensor) else
+                       torch.as_tensor(lengths, dtype=torch.int64, device=input_ids.device))
             if (lengths.dtype.is_floating_point or lengths.dtype == torch.bool
                     or lengths.shape != (batch,)):
                 raise ValueError(f"lengths must be ({batch},) integers, got {lengths.dtype} of "
@@ -603,8 +613,6 @@ class SpanMasker:
                              f"{int(input_ids[row, column])} at position ({row}, {column})")
 
     def _offsets_tensor(self, offsets, batch: int, device: torch.device) -> torch.Tensor:
-        if offsets is None:
-            return torch.tensor(self.take_offsets(batch), dtype=torch.int64, device=device)
         if isinstance(offsets, torch.Tensor):
             if (offsets.dtype.is_floating_point or offsets.dtype.is_complex
                     or offsets.dtype == torch.bool):
@@ -753,11 +761,15 @@ class SpanMaskingCollator:
         for row, ids in enumerate(sequences):
             input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
             attention_mask[row, :len(ids)] = 1
-        counter = iter(self.masker.take_offsets(sum(i is None for i in indices)))
+        # Examples without an index take the counter's next values; it advances only once
+        # the batch is masked, so a batch that raised can be retried with the same masks.
+        counter = iter(range(self.masker.sequences_seen, self.masker.sequences_seen
+                             + sum(i is None for i in indices)))
         offsets = [next(counter) if i is None else i for i in indices]
         device = self.masker.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         out = self.masker(input_ids, attention_mask, offsets=offsets)
+        self.masker.sequences_seen += sum(i is None for i in indices)
         return {"input_ids": out.input_ids, "attention_mask": attention_mask,
                 "labels": out.labels, "sbo_targets": out.sbo_targets}
 

@@ -412,6 +412,57 @@ def test_non_contiguous_and_int32_inputs(native):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+def test_non_contiguous_integer_mask_is_read_row_major_by_the_native_ops(native):
+    """The ops turned an integer mask into bool with ``ne(0)``, which keeps a transposed
+    mask's strides, and the kernels read it row-major: ``word_starts`` marked padded
+    positions and the raw op put labels on padding. (SpanMasker converts the mask to bool
+    in Python first, so it was not affected.)"""
+    input_ids, attention_mask = make_batch(8, 40, seed=21)
+    int_mask = attention_mask.long()
+    transposed = int_mask.t().contiguous().t()
+    assert not transposed.is_contiguous() and torch.equal(transposed, int_mask)
+    assert torch.equal(masking.word_starts(input_ids, IS_CONTINUATION, transposed),
+                       masking.word_starts(input_ids, IS_CONTINUATION, int_mask))
+    masker = make_masker()
+
+    def run(mask):
+        return native.span_masking(input_ids, masker._token_flags, mask, None, torch.arange(8),
+                                   None, 7, MASK, 3, 20, masker._span_word_thresholds,
+                                   *masker._replace_thresholds, 15)
+
+    for got, want in zip(run(transposed), run(int_mask)):
+        assert torch.equal(got, want)
+
+
+def test_empty_batch_by_lengths_list(native):
+    out = make_masker()(torch.empty((0, 16), dtype=torch.int64), lengths=[])
+    assert out.labels.shape == (0, 16) and out.sbo_targets.shape == (0, 5)
+
+
+def test_a_batch_that_raised_does_not_use_up_the_counter(native):
+    """The counter moved before the op checked the ids, so a batch retried after a caught
+    error was masked with other offsets than it would have been the first time."""
+    input_ids, attention_mask = make_batch(4, 32, seed=22, min_length=16)
+    bad = input_ids.clone()
+    bad[1, 3] = VOCAB_SIZE
+    masker = make_masker()
+    with pytest.raises(ValueError, match="input_ids must be in"):
+        masker(bad, attention_mask)
+    assert masker.sequences_seen == 0
+    retried = masker(input_ids, attention_mask)
+    first_time = make_masker()(input_ids, attention_mask)
+    assert masker.sequences_seen == 4
+    for a, b in zip(retried, first_time):
+        assert torch.equal(a, b)
+
+    collate = SpanMaskingCollator(make_masker(), pad_token_id=PAD)
+    with pytest.raises(ValueError, match="input_ids must be in"):
+        collate([[CLS, 5, SEP], [CLS, VOCAB_SIZE, SEP]])
+    assert collate.masker.sequences_seen == 0
+    collate([[CLS, 5, SEP], {"input_ids": [CLS, 6, SEP], "index": 9}])
+    assert collate.masker.sequences_seen == 1
+
+
 def test_unpadded_input_without_mask_treats_every_position_as_real(native):
     input_ids, _ = make_batch(8, 32, seed=17, min_length=32)
     out = make_masker()(input_ids)
