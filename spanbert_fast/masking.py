@@ -837,10 +837,22 @@ def reference_span_masking(
     Returns ``(masked_ids, labels, sbo_targets)``: (batch, seq), (batch, seq) and (N, 5)
     int64 arrays, as :class:`SpanMaskingOutput` describes.
     """
+    # SpanMasker's constructor is the one definition of valid settings and tables.
+    SpanMasker(mask_token_id, vocab_size, is_continuation=is_continuation,
+               special_token_ids=special_token_ids, mask_ratio=mask_ratio,
+               geometric_p=geometric_p, max_span_words=max_span_words,
+               max_span_len=max_span_len, replace_probs=replace_probs, unigram=unigram, seed=seed)
     input_ids = np.asarray(input_ids, dtype=np.int64)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be 2-D (batch, seq), got shape {input_ids.shape}")
     batch, seq = input_ids.shape
+    for name, array in (("attention_mask", attention_mask), ("word_starts", word_starts)):
+        if array is not None and np.shape(array) != (batch, seq):
+            raise ValueError(f"{name} must have the shape of input_ids {(batch, seq)}, got "
+                             f"{np.shape(array)}")
+    if offsets is not None and np.shape(offsets) != (batch,):
+        raise ValueError(f"offsets must have shape ({batch},) (one per sequence), got "
+                         f"{np.shape(offsets)}")
     if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
         raise ValueError(f"input_ids must be in [0, {vocab_size}) (vocab_size), got values in "
                          f"[{input_ids.min()}, {input_ids.max()}]")

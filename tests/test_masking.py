@@ -701,3 +701,21 @@ def test_cuda_matches_cpu_bit_for_bit(native):
                 f"{overrides}: {name} differs at {len(differ)} places, first {differ[0].tolist()}")
     with pytest.raises(ValueError, match="call masker.to"):
         make_masker()(input_ids.cuda())
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    (dict(mask_token_id=VOCAB_SIZE), "mask_token_id must be in"),
+    (dict(special_token_ids=[VOCAB_SIZE]), r"special_token_ids\[0\] must be in"),
+    (dict(mask_ratio=1.5), "mask_ratio must be in"),
+    (dict(offsets=[0]), r"offsets must have shape \(2,\)"),
+    (dict(attention_mask=np.ones((2, 3))), "attention_mask must have the shape of input_ids"),
+    (dict(word_starts=np.ones((2, 4), dtype=bool)), "word_starts must have the shape"),
+])
+def test_reference_checks_its_arguments_like_the_masker(kwargs, text):
+    """The oracle wrote an out-of-range mask_token_id into its output and failed on bad
+    shapes with NumPy's indexing errors; it now applies SpanMasker's checks."""
+    arguments = dict(mask_token_id=MASK, vocab_size=VOCAB_SIZE, special_token_ids=SPECIAL_IDS)
+    arguments.update(kwargs)
+    ids = np.array([[CLS, 5, 6, 7, SEP], [CLS, 8, 9, 10, SEP]])
+    with pytest.raises(ValueError, match=text):
+        reference_span_masking(ids, arguments.pop("attention_mask", None), **arguments)
