@@ -231,15 +231,15 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     """``LayerNorm(x + residual) * weight + bias`` over the last dim.
 
     ``x``: ``(..., hidden)`` fp16/bf16/fp32/fp64; ``residual``: ``x``'s shape (any float
-    dtype) or None; ``weight``, ``bias``: ``(hidden,)``. Returns ``x``'s shape and dtype,
-    contiguous.
+    dtype) or None; ``weight``, ``bias``: ``(hidden,)``. Returns ``x``'s shape, contiguous,
+    in the dtype of ``x + residual`` (type promotion; ``x``'s dtype without a residual).
     """
     hidden = _check_inputs(x, weight, bias, eps, residual)
     x2 = _rows(x, hidden)
     r2 = _rows(residual, hidden) if residual is not None else x2
     weight, bias = weight.contiguous(), bias.contiguous()
     n_rows = x2.shape[0]
-    y = _empty((n_rows, hidden), x.dtype, x.device)
+    y = _empty((n_rows, hidden), torch.promote_types(x.dtype, r2.dtype), x.device)
     if n_rows > 0:
         block_n = triton.next_power_of_2(hidden)
         acc = tl_accumulator_dtype(torch.promote_types(x.dtype, r2.dtype))

@@ -377,7 +377,9 @@ _register_op(
     [("x", "Tensor"), ("weight", "Tensor"), ("bias", "Tensor"), ("eps", "float"),
      ("residual", "Tensor?")],
     reference.layer_norm,
-    lambda x, *rest: x.new_empty(x.shape),
+    lambda x, weight, bias, eps, residual: x.new_empty(
+        x.shape, dtype=x.dtype if residual is None else torch.promote_types(x.dtype,
+                                                                           residual.dtype)),
 )
 _register_op(
     "bias_gelu",
@@ -681,8 +683,10 @@ def layer_norm(
 ) -> torch.Tensor:
     """``LayerNorm(x + residual)`` over the last dim, fp32 statistics.
 
-    ``x``, ``residual``: ``(..., hidden)`` of one float dtype; ``weight``, ``bias``:
-    ``(hidden,)``. Returns ``x``'s shape and dtype.
+    ``x``, ``residual``: ``(..., hidden)`` float tensors; ``weight``, ``bias``:
+    ``(hidden,)``. Returns ``x``'s shape in the dtype of ``x + residual`` (``x``'s without
+    a residual): a bf16 sublayer output added to an fp32 residual stream (autocast) stays
+    fp32, as in transformers.
     """
     _check_tensor("x", x, dtypes=_FLOAT_DTYPES)
     if x.dim() < 1:

@@ -121,12 +121,14 @@ def layer_norm(
     """``LayerNorm(x + residual)`` over the last dimension with fp32 statistics.
 
     ``x`` and ``residual``: ``(..., hidden)``; ``weight``, ``bias``: ``(hidden,)``.
-    Returns ``x``'s shape and dtype.
+    Returns ``x``'s shape in the dtype of ``x + residual`` (type promotion): under autocast
+    a bf16/fp16 sublayer output added to an fp32 residual stream stays fp32, as
+    transformers' ``LayerNorm`` (an fp32 op under autocast) keeps it.
     """
     h = x if residual is None else x + residual
     acc = _compute_dtype(h.dtype)
     out = F.layer_norm(h.to(acc), (h.shape[-1],), weight.to(acc), bias.to(acc), eps)
-    return out.to(x.dtype)
+    return out.to(h.dtype)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -261,3 +261,24 @@ def test_gpu_fp32(hidden):
     ours = _kernel_with_grads(*tensors, torch.float32)
     for name, got, o in zip(("y",) + GRAD_NAMES, ours, oracle):
         assert_close(got, o, max_rel=FP32_REL, name=f"gpu fp32 {hidden} {name}")
+
+
+def test_fp16_sublayer_output_plus_fp32_residual_returns_fp32():
+    """Autocast's residual stream: x is a low-precision sublayer output, the residual fp32.
+    The result has the dtype of x + residual (fp32), on both backends, and its gradients
+    come back in each input's own dtype."""
+    generator = torch.Generator().manual_seed(31)
+    x = torch.randn(6, 40, generator=generator).half().requires_grad_()
+    residual = torch.randn(6, 40, generator=generator).requires_grad_()
+    weight, bias = torch.randn(40, generator=generator), torch.randn(40, generator=generator)
+    dy = torch.randn(6, 40, generator=generator)
+    results = {}
+    for backend in ("torch", "triton"):
+        out = ops.layer_norm(x, weight, bias, 1e-12, residual=residual, backend=backend)
+        assert out.dtype == torch.float32, backend
+        dx, dres = torch.autograd.grad(out, (x, residual), dy)
+        assert dx.dtype == torch.float16 and dres.dtype == torch.float32, backend
+        results[backend] = (out, dx, dres)
+    for name, got, want in zip(("out", "dx", "dresidual"), results["triton"], results["torch"]):
+        assert_close(got.float(), want.float(), max_rel=1e-5 if name != "dx" else 1e-3,
+                     name=f"mixed-dtype layer_norm {name}")

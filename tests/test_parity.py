@@ -225,3 +225,31 @@ def test_saved_checkpoint_loads_in_transformers(tmp_path):
     assert_close(valid_rows(hf(input_ids, attention_mask=mask).last_hidden_state, mask),
                  valid_rows(ours(input_ids, mask).last_hidden_state, mask), max_rel=MAX_REL,
                  name="transformers loading our checkpoint")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_an_fp32_residual_stream_like_transformers(tmp_path, dtype):
+    """Under autocast transformers' LayerNorm runs in fp32, so the residual stream between
+    layers stays fp32. Ours returned the sublayer's dtype: the stream was bf16/fp16, the
+    error against the fp32 output was ~15x transformers' own, and the output dtype depended
+    on whether the batch had padding. Now: fp32 output either way, within 2x of
+    transformers' error in the same autocast."""
+    hf = randomize(transformers.BertModel(hf_config("sdpa", num_hidden_layers=4)), seed=8)
+    hf.save_pretrained(tmp_path)
+    ours = sf.SpanBertModel.from_pretrained(tmp_path, backend="torch")
+    input_ids, mask, types, _ = make_batch(seed=9)
+    full = torch.ones_like(mask)
+    for attention_mask in (mask, full):
+        exact = hf(input_ids, attention_mask=attention_mask, token_type_ids=types)
+        with torch.autocast("cpu", dtype=dtype):
+            theirs = hf(input_ids, attention_mask=attention_mask, token_type_ids=types)
+            got = ours(input_ids, attention_mask=attention_mask, token_type_ids=types)
+        assert got.last_hidden_state.dtype == torch.float32
+        reference = valid_rows(exact.last_hidden_state, attention_mask)
+        scale = reference.abs().max()
+        their_error = (valid_rows(theirs.last_hidden_state.float(), attention_mask)
+                       - reference).abs().max() / scale
+        our_error = (valid_rows(got.last_hidden_state, attention_mask)
+                     - reference).abs().max() / scale
+        assert our_error <= 2 * their_error + 1e-6, (
+            f"{dtype} autocast: our error {our_error:.3g}, transformers' {their_error:.3g}")
