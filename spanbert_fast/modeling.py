@@ -213,8 +213,14 @@ class SpanBertPooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(hidden[:, 0]))
+    def forward(self, hidden: torch.Tensor,
+                first: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``tanh(dense(h))`` of each row's first token: position 0, or ``first`` (batch,)."""
+        if first is None:
+            token = hidden[:, 0]
+        else:
+            token = hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+        return torch.tanh(self.dense(token))
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,12 +280,17 @@ class _SpanBertPreTrainedModel(nn.Module):
         return checkpoint.from_transformers(cls, hf_model, backend=backend)
 
 
+# What torch's embedding lookup takes as indices.
+_ID_DTYPES = (torch.int64, torch.int32)
+
+
 def _validate_inputs(config: SpanBertConfig, input_ids, attention_mask, token_type_ids,
                      position_ids) -> None:
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.is_floating_point() or input_ids.dtype == torch.bool or input_ids.is_complex():
-        raise TypeError(f"input_ids must be an integer tensor (int64 or int32), got {input_ids.dtype}")
+    if input_ids.dtype not in _ID_DTYPES:
+        raise TypeError(f"input_ids must be an integer tensor of int64 or int32, got "
+                        f"{input_ids.dtype}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D (batch, seq), got shape {tuple(input_ids.shape)}")
     batch, seq = input_ids.shape
@@ -289,18 +300,23 @@ def _validate_inputs(config: SpanBertConfig, input_ids, attention_mask, token_ty
     if seq > config.max_position_embeddings and position_ids is None:
         raise ValueError(f"input_ids has sequence length {seq}, longer than "
                          f"max_position_embeddings={config.max_position_embeddings}")
-    checks = ((attention_mask, "attention_mask", True), (token_type_ids, "token_type_ids", False),
-              (position_ids, "position_ids", False))
-    for t, name, allow_float in checks:
+    # token_type_ids and position_ids may be (1, seq), shared by every row (as transformers
+    # broadcasts them); the mask is per row.
+    checks = ((attention_mask, "attention_mask", False), (token_type_ids, "token_type_ids", True),
+              (position_ids, "position_ids", True))
+    for t, name, ids in checks:
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != (batch, seq):
-            raise ValueError(f"{name} must have the shape of input_ids {(batch, seq)}, "
+        if tuple(t.shape) != (batch, seq) and not (ids and tuple(t.shape) == (1, seq)):
+            shared = f" or {(1, seq)}" if ids else ""
+            raise ValueError(f"{name} must have the shape of input_ids {(batch, seq)}{shared}, "
                              f"got {tuple(t.shape)}")
-        if (t.is_floating_point() and not allow_float) or t.is_complex():
-            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+        if ids and t.dtype not in _ID_DTYPES:
+            raise TypeError(f"{name} must be an integer tensor of int64 or int32, got {t.dtype}")
+        if t.is_complex():
+            raise TypeError(f"{name} must be a real tensor, got {t.dtype}")
         if t.device != input_ids.device:
             raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
     if not ops._values_checkable():
@@ -357,8 +373,12 @@ class SpanBertModel(_SpanBertPreTrainedModel):
         batch, seq = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        else:
+            token_type_ids = token_type_ids.expand(batch, seq)
         if position_ids is None:
             position_ids = self.position_ids[:seq].unsqueeze(0).expand(batch, seq)
+        else:
+            position_ids = position_ids.expand(batch, seq)
         valid = None
         if attention_mask is not None:
             valid = attention_mask != 0
@@ -380,7 +400,14 @@ class SpanBertModel(_SpanBertPreTrainedModel):
                 hidden = hidden * keep
             if collected is not None:
                 collected.append(hidden)
-        pooled = self.pooler(hidden) if self.pooler is not None else None
+        pooled = None
+        if self.pooler is not None:
+            first = None
+            if valid is not None and not self._keep_padded_rows:
+                # Padded positions are zeros here: pool each row's first real token (its
+                # [CLS]), which is position 0 unless the row is left-padded.
+                first = valid.int().argmax(1)
+            pooled = self.pooler(hidden, first)
         return SpanBertModelOutput(last_hidden_state=hidden, pooler_output=pooled,
                                    hidden_states=tuple(collected) if collected is not None else None)
 
@@ -471,7 +498,8 @@ class SpanBertPreTrainingHeads(nn.Module):
 
 
 def _validate_sbo_targets(sbo_targets, batch: int, seq: int, config: SpanBertConfig,
-                          lengths: Optional[torch.Tensor], device) -> None:
+                          valid: Optional[torch.Tensor], device) -> None:
+    """``valid``: (batch, seq) bool, True at real tokens, or None (every position real)."""
     if not isinstance(sbo_targets, torch.Tensor):
         raise TypeError(f"sbo_targets must be a torch.Tensor, got {type(sbo_targets).__name__}")
     if sbo_targets.dim() != 2 or sbo_targets.shape[1] != len(SBO_TARGET_FIELDS):
@@ -487,15 +515,24 @@ def _validate_sbo_targets(sbo_targets, batch: int, seq: int, config: SpanBertCon
     ops._check_index_range("sbo_targets[:, 0] (row)", row, 0, batch)
     ops._check_index_range("sbo_targets[:, 1] (left)", left, 0, seq)
     ops._check_index_range("sbo_targets[:, 2] (right)", right, 0, seq)
-    if lengths is not None and bool((right >= lengths[row]).any()):
-        raise ValueError("sbo_targets[:, 2] (right) must lie inside its row's unpadded length "
-                         "(attention_mask)")
     ops._check_index_range("sbo_targets[:, 3] (rel_pos)", rel, 0, config.sbo_max_targets)
     ops._check_index_range("sbo_targets[:, 4] (label)", label, 0, config.vocab_size)
     target_pos = left + 1 + rel
     if bool((target_pos >= right).any()):
         raise ValueError("sbo_targets must satisfy left + 1 + rel_pos < right (the target lies "
                          "strictly between its boundaries)")
+    if valid is not None:
+        # Boundaries and target must be real tokens wherever the padding is (left, right or
+        # gaps): a boundary on padding would read a zero hidden state.
+        for column, name, position in ((1, "left", left), (2, "right", right),
+                                       (None, "left + 1 + rel_pos", target_pos)):
+            on_padding = ~valid[row, position]
+            if bool(on_padding.any()):
+                k = int(on_padding.nonzero()[0, 0])
+                where = f"sbo_targets[:, {column}] ({name})" if column else f"the target ({name})"
+                raise ValueError(f"{where} must be a real token (attention_mask 1): target {k} "
+                                 f"has it on padding, at row {int(row[k])}, position "
+                                 f"{int(position[k])}")
 
 
 class SpanBertForPreTraining(_SpanBertPreTrainedModel):
@@ -559,10 +596,8 @@ class SpanBertForPreTraining(_SpanBertPreTrainedModel):
                 heads.predictions.transform_rows(flat.index_select(0, rows)), embeddings,
                 heads.predictions.bias, flat_labels.index_select(0, rows), backend=self.backend)
         if sbo_targets is not None:
-            lengths = None
-            if attention_mask is not None and ops._values_checkable():
-                lengths = (attention_mask != 0).sum(1)
-            _validate_sbo_targets(sbo_targets, batch, seq, self.config, lengths, input_ids.device)
+            valid = attention_mask != 0 if attention_mask is not None else None
+            _validate_sbo_targets(sbo_targets, batch, seq, self.config, valid, input_ids.device)
             row, left, right, rel, label = sbo_targets.unbind(1)
             sbo_hidden = heads.pair_target_predictions.represent(
                 flat, row * seq + left, row * seq + right, rel)
@@ -631,6 +666,16 @@ class SpanBertForQuestionAnswering(_SpanBertPreTrainedModel):
                 if tuple(positions.shape) != (start_logits.shape[0],):
                     raise ValueError(f"{name} must have shape ({start_logits.shape[0]},), "
                                      f"got {tuple(positions.shape)}")
+                if attention_mask is not None and ops._values_checkable():
+                    # Padded logits are -inf-like here: an answer there would be an inf loss.
+                    inside = (positions >= 0) & (positions < seq)
+                    rows = torch.arange(positions.shape[0], device=positions.device)
+                    on_padding = inside & (attention_mask[rows, positions.clamp(0, seq - 1)] == 0)
+                    if bool(on_padding.any()):
+                        k = int(on_padding.nonzero()[0, 0])
+                        raise ValueError(f"{name}[{k}] = {int(positions[k])} is a padded position "
+                                         f"(attention_mask 0); point unanswerable examples at "
+                                         f"[CLS] (0) or outside [0, {seq}) to ignore them")
                 # As transformers: positions outside [0, seq) are ignored.
                 positions = positions.clamp(0, seq)
                 parts.append(F.cross_entropy(logit.float(), positions, ignore_index=seq))

@@ -28,6 +28,9 @@ def ids(batch=2, seq=8):
     (lambda: ids() - 1000, ValueError, r"input_ids values must lie in \[0, 1000\)"),
     (lambda: ids(seq=40), ValueError, "longer than max_position_embeddings=32"),
     (lambda: ids().float(), TypeError, "input_ids must be an integer tensor"),
+    # Integer dtypes torch's embedding lookup refuses: caught here, not inside torch.
+    (lambda: ids().to(torch.int16), TypeError, "input_ids must be an integer tensor of int64"),
+    (lambda: ids() > 500, TypeError, "input_ids must be an integer tensor of int64"),
     (lambda: ids()[0], ValueError, r"input_ids must be 2-D \(batch, seq\)"),
     (lambda: ids(batch=0), ValueError, "input_ids must hold at least one token"),
     (lambda: ids().tolist(), TypeError, "input_ids must be a torch.Tensor"),
@@ -55,6 +58,19 @@ def test_bad_token_type_and_position_ids(model):
         model(ids(), position_ids=torch.arange(30, 38).expand(2, 8))
     with pytest.raises(ValueError, match="position_ids must have the shape of input_ids"):
         model(ids(), position_ids=torch.arange(8))
+    with pytest.raises(TypeError, match="token_type_ids must be an integer tensor of int64"):
+        model(ids(), token_type_ids=torch.zeros(2, 8, dtype=torch.uint8))
+
+
+def test_token_type_and_position_ids_of_one_row_are_shared_by_the_batch(model):
+    """transformers broadcasts (1, seq) token_type_ids / position_ids over the batch; they
+    were refused here, so a model that ran stopped running once accelerated."""
+    input_ids = ids()
+    types, positions = torch.tensor([[0] * 4 + [1] * 4]), torch.arange(3, 11).unsqueeze(0)
+    shared = model(input_ids, token_type_ids=types, position_ids=positions)
+    expanded = model(input_ids, token_type_ids=types.expand(2, 8),
+                     position_ids=positions.expand(2, 8))
+    assert torch.equal(shared.last_hidden_state, expanded.last_hidden_state)
 
 
 def test_bad_pretraining_targets(pretraining):
@@ -79,8 +95,38 @@ def test_bad_pretraining_targets(pretraining):
         pretraining(x, sbo_targets=torch.tensor([[0, 1, 3, 1, 7]]))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 5:] = 0
-    with pytest.raises(ValueError, match="inside its row's unpadded length"):
+    with pytest.raises(ValueError, match=r"sbo_targets\[:, 2\] \(right\) must be a real token"):
         pretraining(x, attention_mask=mask, sbo_targets=torch.tensor([[1, 1, 6, 0, 7]]))
+
+
+def test_sbo_targets_are_checked_against_the_mask_not_a_length(pretraining):
+    """The check was ``right < mask.sum(1)``: it refused valid spans of left-padded rows
+    and accepted a left boundary on padding (which reads a zero hidden state)."""
+    x = ids()
+    left_padded = torch.ones(2, 8, dtype=torch.long)
+    left_padded[1, :3] = 0
+    span = torch.tensor([[1, 4, 7, 1, 7]])  # boundaries 4 and 7, target 6: all real tokens
+    loss = pretraining(x, attention_mask=left_padded, sbo_targets=span).loss
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"sbo_targets\[:, 1\] \(left\) must be a real token"):
+        pretraining(x, attention_mask=left_padded, sbo_targets=torch.tensor([[1, 2, 6, 0, 7]]))
+    gap = torch.ones(2, 8, dtype=torch.long)
+    gap[0, 4] = 0
+    with pytest.raises(ValueError, match=r"the target \(left \+ 1 \+ rel_pos\) must be a real"):
+        pretraining(x, attention_mask=gap, sbo_targets=torch.tensor([[0, 2, 6, 1, 7]]))
+
+
+def test_qa_answer_on_padding_is_an_error_not_an_inf_loss():
+    qa = sf.SpanBertForQuestionAnswering(sf.SpanBertConfig.tiny(), backend="torch")
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    with pytest.raises(ValueError, match=r"end_positions\[1\] = 7 is a padded position"):
+        qa(ids(), attention_mask=mask, start_positions=torch.tensor([1, 2]),
+           end_positions=torch.tensor([3, 7]))
+    # Outside [0, seq) is still ignored, as in transformers.
+    loss = qa(ids(), attention_mask=mask, start_positions=torch.tensor([1, 2]),
+              end_positions=torch.tensor([3, 8])).loss
+    assert torch.isfinite(loss)
 
 
 def test_bad_qa_positions():

@@ -253,3 +253,24 @@ def test_autocast_keeps_an_fp32_residual_stream_like_transformers(tmp_path, dtyp
                      - reference).abs().max() / scale
         assert our_error <= 2 * their_error + 1e-6, (
             f"{dtype} autocast: our error {our_error:.3g}, transformers' {their_error:.3g}")
+
+
+def test_pooler_reads_the_first_real_token_of_a_left_padded_row(tmp_path):
+    """Padded positions are zeros in our output, so pooling position 0 of a left-padded row
+    gave tanh(pooler.bias) whatever the input. The pooler now reads each row's first real
+    token (its [CLS]); right-padded rows still pool position 0, as transformers does."""
+    hf = randomize(transformers.BertModel(hf_config("sdpa")), seed=10)
+    hf.save_pretrained(tmp_path)
+    ours = sf.SpanBertModel.from_pretrained(tmp_path, backend="torch")
+    input_ids, _, _, _ = make_batch(seed=11)
+    mask = torch.ones_like(input_ids)
+    mask[0, :5] = 0  # left-padded
+    mask[1, 9:] = 0  # right-padded
+    out = ours(input_ids, attention_mask=mask)
+    first = torch.tensor([5, 0, 0])
+    hidden = out.last_hidden_state[torch.arange(3), first]
+    expected = torch.tanh(ours.pooler.dense(hidden))
+    assert_close(out.pooler_output, expected, max_rel=MAX_REL, name="pooler_output")
+    assert not torch.allclose(out.pooler_output[0], torch.tanh(ours.pooler.dense.bias))
+    theirs = hf(input_ids, attention_mask=mask).pooler_output
+    assert_close(out.pooler_output[1:], theirs[1:], max_rel=MAX_REL, name="right-padded pooler")
