@@ -37,6 +37,7 @@ from .modeling import SpanBertModel
 __all__ = ["accelerate", "is_accelerated", "AccelerationError"]
 
 _ATTR = "_spanbert_fast_encoder"
+_POSITIONS = "_spanbert_fast_position_ids"
 _PADDING_MODES = ("exact", "packed")
 
 
@@ -69,6 +70,26 @@ def _config_reasons(hf_config) -> List[str]:
     return reasons
 
 
+def _share_parameters(ours: SpanBertModel, theirs: Dict[str, nn.Parameter]) -> None:
+    for name, _ in list(ours.named_parameters()):
+        owner_name, _, leaf = name.rpartition(".")
+        setattr(ours.get_submodule(owner_name), leaf, theirs[name])
+
+
+def _follow_the_model(bert: nn.Module, ours: SpanBertModel) -> None:
+    """``ours`` is outside ``bert``'s module tree, so ``Module.to()`` / ``.cuda()`` /
+    ``.double()`` on the transformers model convert only what ``bert`` holds. Buffers are
+    always replaced by such a conversion, and parameters are too where the tensor types are
+    not shallow-copy compatible (e.g. ``.to("meta")``) or under
+    ``torch.__future__.set_overwrite_module_params_on_conversion(True)``: re-point ``ours``
+    at ``bert``'s current tensors. Attribute stores and an identity check only: no copy,
+    no device sync."""
+    ours.position_ids = getattr(bert, _POSITIONS)
+    # A conversion replaces all parameters or none; one identity check tells which.
+    if ours.embeddings.word_embeddings.weight is not bert.embeddings.word_embeddings.weight:
+        _share_parameters(ours, dict(bert.named_parameters()))
+
+
 def _shared_encoder(bert: nn.Module, backend: str) -> SpanBertModel:
     """A SpanBertModel whose parameters ARE the transformers model's parameters."""
     values: Dict[str, Any] = bert.config.to_dict()
@@ -80,11 +101,13 @@ def _shared_encoder(bert: nn.Module, backend: str) -> SpanBertModel:
     missing = [name for name, _ in ours.named_parameters() if name not in theirs]
     if missing:
         raise AccelerationError(f"the transformers model lacks parameters {missing[:10]}")
-    for name, _ in list(ours.named_parameters()):
-        owner_name, _, leaf = name.rpartition(".")
-        setattr(ours.get_submodule(owner_name), leaf, theirs[name])
+    _share_parameters(ours, theirs)
+    # Registered on the transformers model itself (non-persistent: state_dict() unchanged),
+    # so hf_model.to(device) / .cuda() moves it; the forward hands it to ``ours``.
     device = next(iter(theirs.values())).device
-    ours.position_ids = torch.arange(config.max_position_embeddings, device=device)
+    bert.register_buffer(_POSITIONS, torch.arange(config.max_position_embeddings, device=device),
+                         persistent=False)
+    ours.position_ids = getattr(bert, _POSITIONS)
     ours._keep_padded_rows = False
     return ours
 
@@ -123,6 +146,7 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, token_type_i
                                   **kwargs)
     ours: SpanBertModel = getattr(self, _ATTR)
     ours.train(self.training)
+    _follow_the_model(self, ours)
     output_hidden_states = kwargs.get("output_hidden_states")
     if output_hidden_states is None:
         output_hidden_states = getattr(self.config, "output_hidden_states", False)

@@ -568,12 +568,9 @@ def load_pretrained(model_cls, path: "str | os.PathLike[str]", *,
 # ---------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    The rename is atomic on POSIX and Windows, so readers see the old file or the new one,
-    never half of one; on any failure the temporary file is removed and ``path`` is intact.
-    """
+def _write_temp(path: str, write: Callable[[str], None]) -> str:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, give it ordinary permissions,
+    flush it to disk and return its name; on any failure the temporary file is removed."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
                                suffix=".tmp")
@@ -584,13 +581,57 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
+        # Durable before it is renamed over the previous file: after a crash the name
+        # points at the old contents or the complete new ones, never at an empty file.
+        fd = os.open(tmp, os.O_RDWR)  # Windows refuses fsync on a read-only descriptor
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_quietly(tmp)
         raise
+    return tmp
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _atomic_write_all(files: "list[tuple[str, Callable[[str], None]]]") -> None:
+    """Write every ``(path, write)`` to a temporary file first, and only when all were
+    written rename them into place, in order. A failure while writing leaves every previous
+    file intact and no temporary file behind. The renames themselves are not one atomic
+    step: a crash between two of them leaves the earlier files new and the later ones old."""
+    temps: "list[tuple[str, str]]" = []
+    try:
+        for path, write in files:
+            temps.append((_write_temp(path, write), path))
+    except BaseException:
+        for tmp, _ in temps:
+            _unlink_quietly(tmp)
+        raise
+    done = 0
+    try:
+        for tmp, path in temps:
+            os.replace(tmp, path)
+            done += 1
+    except BaseException:
+        for tmp, _ in temps[done:]:
+            _unlink_quietly(tmp)
+        raise
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The rename is atomic on POSIX and Windows, so readers see the old file or the new one,
+    never half of one; on any failure the temporary file is removed and ``path`` is intact.
+    """
+    _atomic_write_all([(path, write)])
 
 
 def _tensors_to_save(model: torch.nn.Module, kind: str) -> Dict[str, torch.Tensor]:
@@ -641,9 +682,12 @@ def save_pretrained(model: torch.nn.Module, directory: "str | os.PathLike[str]",
     ``.from_pretrained(directory)`` and :func:`load_pretrained` both read it.
 
     ``config.json`` is ``model.config.to_dict()`` plus ``architectures`` (transformers'
-    class name) and ``dtype``. Tied decoder weights are not written. Each file is written
-    to a temporary file in ``directory`` and renamed into place, weights first: a failure
-    leaves the previous files intact and no temporary file behind. Creates ``directory``.
+    class name) and ``dtype``. Tied decoder weights are not written. Both files are first
+    written in full to temporary files in ``directory`` (and fsync'd), and only then renamed
+    into place, weights first: a failure while writing either one leaves the previous files
+    intact and no temporary file behind. The two renames are not one atomic step: a crash
+    (or a failing rename) between them leaves the new weights beside the previous
+    ``config.json``. Creates ``directory``.
     """
     kind = _kind_of(model)
     directory = os.fspath(directory)
@@ -676,8 +720,8 @@ def save_pretrained(model: torch.nn.Module, directory: "str | os.PathLike[str]",
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(config_text)
 
-    _atomic_write(os.path.join(directory, weights_name), write_weights)
-    _atomic_write(os.path.join(directory, "config.json"), write_config)
+    _atomic_write_all([(os.path.join(directory, weights_name), write_weights),
+                       (os.path.join(directory, "config.json"), write_config)])
     _remove_stale_weights(directory, keep=weights_name)
 
 

@@ -96,3 +96,57 @@ def test_unsupported_config_is_refused_with_every_reason():
         sf.accelerate(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="padding must be one of"):
         sf.accelerate(transformers.BertModel(hf_config("eager")), padding="zeros")
+
+
+def test_moving_the_model_moves_what_the_fused_forward_uses(monkeypatch):
+    """Our encoder is outside the transformers model's module tree; whatever its forward
+    reads (position ids, and parameters where a conversion replaces them) must follow
+    ``hf_model.to(...)``. The meta device stands in for ``.cuda()`` on a CPU-only machine."""
+    from spanbert_fast import ops
+
+    hf = randomize(transformers.BertModel(hf_config("sdpa")), seed=7).eval()
+    keys_before = list(hf.state_dict())
+    sf.accelerate(hf, backend="torch")
+    assert list(hf.state_dict()) == keys_before
+    hf.to("meta")
+    # The range checks read values (.item()), which meta tensors do not have.
+    monkeypatch.setattr(ops, "_values_checkable", lambda: False)
+    input_ids, mask, types, _ = make_batch()
+    seen = []
+    encoder = getattr(hf, "_spanbert_fast_encoder")
+    encoder.embeddings.register_forward_pre_hook(
+        lambda module, args: seen.extend(a.device.type for a in args))
+    got = hf(input_ids.to("meta"), attention_mask=mask.to("meta"),
+             token_type_ids=types.to("meta"))
+    assert seen == ["meta"] * 3, f"embedding inputs on {seen}"
+    assert got.last_hidden_state.device.type == "meta"
+    assert got.pooler_output.device.type == "meta"
+
+
+@pytest.mark.parametrize("overwrite_params", [False, True])
+def test_double_after_accelerate_matches_transformers_in_float64(overwrite_params):
+    """``.double()`` after ``accelerate``: the fused forward runs in float64 on the converted
+    tensors, also when torch replaces (rather than converts in place) the parameters."""
+    import copy
+
+    hf = randomize(transformers.BertModel(hf_config("sdpa")), seed=8).eval()
+    reference = copy.deepcopy(hf).double()
+    sf.accelerate(hf, backend="torch")
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(overwrite_params)
+    try:
+        hf.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    input_ids, mask, types, positions = make_batch(seed=9)
+    expected = reference(input_ids, attention_mask=mask, token_type_ids=types)
+    got = hf(input_ids, attention_mask=mask, token_type_ids=types)
+    assert got.last_hidden_state.dtype == torch.float64
+    assert_close(got.last_hidden_state, expected.last_hidden_state, max_rel=MAX_REL,
+                 name="float64 after .double()")
+    assert_close(got.pooler_output, expected.pooler_output, max_rel=MAX_REL, name="pooler")
+    got = hf(input_ids, attention_mask=mask, token_type_ids=types, position_ids=positions)
+    expected = reference(input_ids, attention_mask=mask, token_type_ids=types,
+                         position_ids=positions)
+    assert_close(got.last_hidden_state, expected.last_hidden_state, max_rel=MAX_REL,
+                 name="float64 after .double(), explicit position_ids")

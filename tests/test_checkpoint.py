@@ -466,6 +466,35 @@ def test_save_is_atomic(tmp_path, monkeypatch):
                          first.state_dict())
 
 
+@pytest.mark.parametrize("safe", [True, False])
+def test_failure_writing_config_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch, safe):
+    """A failure while config.json is being written (ENOSPC, Ctrl-C) must not leave the new
+    weights beside the old config: the directory still loads the first model exactly."""
+    import builtins
+    import errno
+
+    first = _ours(SpanBertModel, seed=2)
+    checkpoint.save_pretrained(first, tmp_path, safe_serialization=safe)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    real_open = builtins.open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and "config.json" in os.path.basename(str(file)):
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    # A different vocabulary, so new weights beside the old config would not even load.
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_pretrained(_ours(SpanBertModel, seed=9, vocab_size=120), tmp_path,
+                                   safe_serialization=safe)
+    monkeypatch.undo()
+    after = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert after == before  # previous files intact, no temporary file left
+    _assert_same_tensors(checkpoint.load_pretrained(SpanBertModel, tmp_path).state_dict(),
+                         first.state_dict())
+
+
 def test_save_creates_nested_directory_and_refuses_a_file(tmp_path):
     target = tmp_path / "a" / "b"
     checkpoint.save_pretrained(_ours(SpanBertModel), target)
