@@ -131,8 +131,9 @@ class WordPieceTokenizer:
     # -- saving ---------------------------------------------------------------------------
     def save(self, directory: str) -> None:
         """Write ``tokenizer.json``, ``vocab.txt``, ``tokenizer_config.json`` and
-        ``special_tokens_map.json`` into ``directory``, each atomically."""
-        from .checkpoint import _atomic_write
+        ``special_tokens_map.json`` into ``directory``: every file is written to a temporary
+        file first and the four are renamed into place only once all were written."""
+        from .checkpoint import _atomic_write_all
 
         os.makedirs(directory, exist_ok=True)
         by_id = {index: token for token, index in self._vocab.items()}
@@ -155,13 +156,16 @@ class WordPieceTokenizer:
                     handle.write(text)
             return write
 
-        _atomic_write(os.path.join(directory, TOKENIZER_FILE),
-                      lambda tmp: self.backend.save(tmp, pretty=False))
-        _atomic_write(os.path.join(directory, VOCAB_FILE), text_writer(vocab_text))
-        _atomic_write(os.path.join(directory, TOKENIZER_CONFIG_FILE),
-                      text_writer(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-        _atomic_write(os.path.join(directory, SPECIAL_TOKENS_MAP_FILE),
-                      text_writer(json.dumps(special, indent=2, sort_keys=True) + "\n"))
+        # All four written in full before any is renamed over a previous save.
+        _atomic_write_all([
+            (os.path.join(directory, TOKENIZER_FILE),
+             lambda tmp: self.backend.save(tmp, pretty=False)),
+            (os.path.join(directory, VOCAB_FILE), text_writer(vocab_text)),
+            (os.path.join(directory, TOKENIZER_CONFIG_FILE),
+             text_writer(json.dumps(config, indent=2, sort_keys=True) + "\n")),
+            (os.path.join(directory, SPECIAL_TOKENS_MAP_FILE),
+             text_writer(json.dumps(special, indent=2, sort_keys=True) + "\n")),
+        ])
 
 
 def _read_vocab_file(path: str) -> Dict[str, int]:

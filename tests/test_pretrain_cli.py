@@ -323,6 +323,28 @@ def test_tokenizer_roundtrip_and_continuations(tmp_path):
     assert spans[0][0] == 0 and spans[-1][1] == len("Elmsworth")
 
 
+def test_a_failed_tokenizer_save_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    """The four files were renamed into place one by one, so a failure on the third left a
+    new tokenizer.json beside an old tokenizer_config.json; now none is replaced."""
+    tokenizer = load_tokenizer(VOCAB)
+    tokenizer.save(str(tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_open = open
+
+    def failing_open(file, *args, **kwargs):
+        if "tokenizer_config.json" in os.path.basename(str(file)):
+            raise OSError(28, "No space left on device")
+        return real_open(file, *args, **kwargs)
+
+    with open(CORPUS, encoding="utf-8") as handle:
+        other = train_tokenizer(handle.read().splitlines(), 200, lowercase=True)
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(OSError, match="No space left"):
+        other.save(str(tmp_path))
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_uncased_vocab_directory_follows_its_tokenizer_config(tmp_path):
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nlamp\n",
                                         encoding="utf-8")
