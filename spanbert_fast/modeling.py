@@ -280,6 +280,21 @@ class _SpanBertPreTrainedModel(nn.Module):
         return checkpoint.from_transformers(cls, hf_model, backend=backend)
 
 
+def _check_transformers_options(return_dict, output_attentions, head_mask) -> bool:
+    """transformers' forward options that a drop-in must at least answer: returns whether
+    to return a tuple (``return_dict=False``); refuses what the fused path cannot give."""
+    if output_attentions:
+        raise ValueError("output_attentions=True is not supported: the fused attention never "
+                         "materialises the attention probabilities (use transformers' "
+                         "BertModel with attn_implementation='eager' for attention maps)")
+    if head_mask is not None:
+        raise ValueError("head_mask is not supported (it would need the attention "
+                         "probabilities, which the fused attention never materialises)")
+    if return_dict is not None and not isinstance(return_dict, bool):
+        raise TypeError(f"return_dict must be a bool or None, got {type(return_dict).__name__}")
+    return return_dict is False
+
+
 # What torch's embedding lookup takes as indices.
 _ID_DTYPES = (torch.int64, torch.int32)
 
@@ -365,10 +380,17 @@ class SpanBertModel(_SpanBertPreTrainedModel):
         token_type_ids: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         output_hidden_states: bool = False,
+        *,
+        return_dict: Optional[bool] = None,
+        output_attentions: bool = False,
+        head_mask: Optional[torch.Tensor] = None,
     ) -> SpanBertModelOutput:
         """``input_ids`` (batch, seq) int; ``attention_mask`` (batch, seq) 0/1 (1 = token);
-        ``token_type_ids`` / ``position_ids`` (batch, seq) int. Returns
-        :class:`SpanBertModelOutput`; outputs at padded positions are zeros."""
+        ``token_type_ids`` / ``position_ids`` (batch, seq) or (1, seq) int. Returns
+        :class:`SpanBertModelOutput` (a tuple of its non-None fields if
+        ``return_dict=False``); outputs at padded positions are zeros.
+        ``output_attentions`` and ``head_mask`` are refused with a ValueError."""
+        as_tuple = _check_transformers_options(return_dict, output_attentions, head_mask)
         _validate_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
         batch, seq = input_ids.shape
         if token_type_ids is None:
@@ -408,8 +430,9 @@ class SpanBertModel(_SpanBertPreTrainedModel):
                 # [CLS]), which is position 0 unless the row is left-padded.
                 first = valid.int().argmax(1)
             pooled = self.pooler(hidden, first)
-        return SpanBertModelOutput(last_hidden_state=hidden, pooler_output=pooled,
-                                   hidden_states=tuple(collected) if collected is not None else None)
+        out = SpanBertModelOutput(last_hidden_state=hidden, pooler_output=pooled,
+                                  hidden_states=tuple(collected) if collected is not None else None)
+        return out.to_tuple() if as_tuple else out
 
 
     def _runs_packed(self, input_ids: torch.Tensor) -> bool:
@@ -641,7 +664,12 @@ class SpanBertForQuestionAnswering(_SpanBertPreTrainedModel):
         start_positions: Optional[torch.Tensor] = None,
         end_positions: Optional[torch.Tensor] = None,
         output_hidden_states: bool = False,
+        *,
+        return_dict: Optional[bool] = None,
+        output_attentions: bool = False,
+        head_mask: Optional[torch.Tensor] = None,
     ) -> SpanBertQuestionAnsweringOutput:
+        as_tuple = _check_transformers_options(return_dict, output_attentions, head_mask)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                         output_hidden_states=output_hidden_states)
         logits = self.qa_outputs(out.last_hidden_state)
@@ -680,6 +708,7 @@ class SpanBertForQuestionAnswering(_SpanBertPreTrainedModel):
                 positions = positions.clamp(0, seq)
                 parts.append(F.cross_entropy(logit.float(), positions, ignore_index=seq))
             loss = (parts[0] + parts[1]) / 2
-        return SpanBertQuestionAnsweringOutput(loss=loss, start_logits=start_logits,
-                                               end_logits=end_logits,
-                                               hidden_states=out.hidden_states)
+        result = SpanBertQuestionAnsweringOutput(loss=loss, start_logits=start_logits,
+                                                 end_logits=end_logits,
+                                                 hidden_states=out.hidden_states)
+        return result.to_tuple() if as_tuple else result

@@ -170,3 +170,21 @@ def test_config_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         sf.SpanBertConfig.from_json(tmp_path / "bad.json")
+
+
+def test_transformers_forward_options(model):
+    """return_dict=False gives transformers' tuple; what the fused attention cannot give
+    (attention maps, head masks) is refused by name instead of an unexpected-keyword error."""
+    x = ids()
+    out = model(x)
+    as_tuple = model(x, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
+    assert len(as_tuple) == len(out.to_tuple())
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        model(x, output_attentions=True)
+    with pytest.raises(ValueError, match="head_mask is not supported"):
+        model(x, head_mask=torch.ones(2, 2))
+    qa = sf.SpanBertForQuestionAnswering(sf.SpanBertConfig.tiny(), backend="torch").eval()
+    loss, start, end = qa(x, start_positions=torch.tensor([1, 2]),
+                          end_positions=torch.tensor([3, 4]), return_dict=False)
+    assert start.shape == end.shape == (2, 8) and loss.dim() == 0
