@@ -180,6 +180,16 @@ def test_inputs_the_kernel_cannot_take_fall_back_under_auto_and_raise_when_force
         torch.ops.spanbert_fast.attention(wide, wide, wide, None, None, 0, 0.1, 0.0, "triton")
 
 
+def test_bf16_in_the_interpreter_is_refused_not_wrong(monkeypatch):
+    """The interpreter's bf16 tl.dot is garbage (relative errors ~1e8): a forced Triton
+    backend returned it silently. It is now refused with the reason; on a GPU bf16 runs."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+    with pytest.raises(ops.BackendUnavailableError, match="bf16 tl.dot gives wrong results"):
+        ops.attention(q, q, q, backend="triton")
+    assert not any("bf16" in r for r in ops._triton_reasons("attention", [q.half()]))
+
+
 # ---------------------------------------------------------------------------------------
 # Dropout: kept fraction, determinism, gradients consistent with the forward's mask
 # ---------------------------------------------------------------------------------------
