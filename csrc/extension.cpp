@@ -129,24 +129,9 @@ at::Tensor word_starts_cuda(const at::Tensor& input_ids, const at::Tensor& is_co
   return out;
 }
 
-SpanMaskingResult span_masking_cuda(
-    const at::Tensor& input_ids, const at::Tensor& token_flags,
-    const std::optional<at::Tensor>& attention_mask,
-    const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
-    const std::optional<at::Tensor>& unigram_cdf, int64_t seed, int64_t mask_token_id,
-    int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
-    c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
-    int64_t max_span_len) {
-  const c10::cuda::CUDAGuard device_guard(input_ids.device());
-  PreparedSpanMasking prepared = prepare_span_masking(
-      input_ids, token_flags, attention_mask, word_starts, offsets, unigram_cdf, seed,
-      mask_token_id, mask_ratio_numerator, mask_ratio_denominator, span_word_thresholds,
-      mask_threshold, random_threshold, max_span_len);
+SpanMaskingResult span_masking_cuda(PreparedSpanMasking& prepared) {
   const core::SpanMaskingParams& params = prepared.params;
   const at::Tensor& ids = prepared.ids;
-  if (ids.numel() == 0) {
-    return {prepared.masked_ids, prepared.labels, at::empty({0, 5}, ids.options())};
-  }
   at::Tensor sbo_counts = at::empty({params.batch}, ids.options());
   at::Tensor maskable_positions = at::empty(ids.sizes(), ids.options().dtype(at::kInt));
   at::Tensor position_flags = at::empty(ids.sizes(), ids.options().dtype(at::kByte));
@@ -211,7 +196,7 @@ TORCH_LIBRARY_FRAGMENT(spanbert_fast, m) {
 
 TORCH_LIBRARY_IMPL(spanbert_fast, CPU, m) {
   m.impl("word_starts", &spanbert_fast::word_starts_cpu);
-  m.impl("span_masking", &spanbert_fast::span_masking_cpu);
+  m.impl("span_masking", &spanbert_fast::span_masking);
   m.impl("sample_span_lengths", &spanbert_fast::sample_span_lengths_cpu);
   m.impl("philox4x32_10", &spanbert_fast::philox4x32_10_cpu);
 }
@@ -219,6 +204,6 @@ TORCH_LIBRARY_IMPL(spanbert_fast, CPU, m) {
 #ifdef SBF_WITH_CUDA
 TORCH_LIBRARY_IMPL(spanbert_fast, CUDA, m) {
   m.impl("word_starts", &spanbert_fast::word_starts_cuda);
-  m.impl("span_masking", &spanbert_fast::span_masking_cuda);
+  m.impl("span_masking", &spanbert_fast::span_masking);
 }
 #endif

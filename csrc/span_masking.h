@@ -34,25 +34,15 @@ core::SpanMaskingParams check_span_masking_inputs(
     const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
     const std::optional<at::Tensor>& unigram_cdf, const SpanMaskingArguments& arguments);
 
-// One span_masking call as both devices start it: the inputs checked and made contiguous
-// on their device (the mask as bool), the two (batch, seq) outputs allocated, and the
-// kernels' view of them in `tensors` (pointers into the tensors held here; sbo_counts is
-// left null for the caller, whose storage for it differs by device). The CUDA wrapper
-// enters its device guard before calling this.
+// One span_masking call after the device-independent part: the inputs checked and made
+// contiguous on their device (the mask as bool), the two (batch, seq) outputs allocated,
+// and the kernels' view of them in `tensors` (pointers into the tensors held here;
+// sbo_counts is left null for the device half, whose storage for it differs).
 struct PreparedSpanMasking {
   core::SpanMaskingParams params;
   at::Tensor ids, flags, mask, starts, row_offsets, cdf, masked_ids, labels;
   core::SpanMaskingTensors tensors;
 };
-
-PreparedSpanMasking prepare_span_masking(
-    const at::Tensor& input_ids, const at::Tensor& token_flags,
-    const std::optional<at::Tensor>& attention_mask,
-    const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
-    const std::optional<at::Tensor>& unigram_cdf, int64_t seed, int64_t mask_token_id,
-    int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
-    c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
-    int64_t max_span_len);
 
 // Raises the error for an id outside [0, vocab_size) at flat index `flat_index`.
 void raise_span_masking_id_out_of_range(const at::Tensor& input_ids, int64_t vocab_size,
@@ -62,7 +52,9 @@ void raise_span_masking_id_out_of_range(const at::Tensor& input_ids, int64_t voc
 // contiguous; sbo_targets rows (row, left, right, rel_pos, label) sorted by row, position.
 using SpanMaskingResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-SpanMaskingResult span_masking_cpu(
+// spanbert_fast::span_masking, one implementation registered for CPU and CUDA: the checks
+// and the preparation, then the device half (a non-empty batch only).
+SpanMaskingResult span_masking(
     const at::Tensor& input_ids, const at::Tensor& token_flags,
     const std::optional<at::Tensor>& attention_mask,
     const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
@@ -72,14 +64,8 @@ SpanMaskingResult span_masking_cpu(
     int64_t max_span_len);
 
 #ifdef SBF_WITH_CUDA
-SpanMaskingResult span_masking_cuda(
-    const at::Tensor& input_ids, const at::Tensor& token_flags,
-    const std::optional<at::Tensor>& attention_mask,
-    const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
-    const std::optional<at::Tensor>& unigram_cdf, int64_t seed, int64_t mask_token_id,
-    int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
-    c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
-    int64_t max_span_len);
+// The CUDA half (extension.cpp), called with the device guard of the inputs held.
+SpanMaskingResult span_masking_cuda(PreparedSpanMasking& prepared);
 #endif
 
 // Test-only: (len(offsets), count) int64 span lengths in words, drawn by the sampler's own

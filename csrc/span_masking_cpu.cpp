@@ -1,12 +1,13 @@
-// CPU implementation of spanbert_fast::span_masking (sequences split across threads with
-// at::parallel_for, the per-sequence sampler from span_masking_core.h), the input checks
-// it shares with the CUDA wrapper, and the test-only ops sample_span_lengths and
-// philox4x32_10.
+// spanbert_fast::span_masking: the input checks and preparation shared by both devices,
+// the CPU half (sequences split across threads with at::parallel_for, the per-sequence
+// sampler from span_masking_core.h; the CUDA half is in extension.cpp), and the test-only
+// ops sample_span_lengths and philox4x32_10.
 #include "span_masking.h"
 #include "word_starts.h"  // attention_mask_as_bool
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
 #include <atomic>
@@ -173,60 +174,11 @@ void raise_span_masking_id_out_of_range(const at::Tensor& input_ids, int64_t voc
               ", ", flat_index % seq, ")");
 }
 
-PreparedSpanMasking prepare_span_masking(
-    const at::Tensor& input_ids, const at::Tensor& token_flags,
-    const std::optional<at::Tensor>& attention_mask,
-    const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
-    const std::optional<at::Tensor>& unigram_cdf, int64_t seed, int64_t mask_token_id,
-    int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
-    c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
-    int64_t max_span_len) {
-  const SpanMaskingArguments arguments{
-      seed, mask_token_id, mask_ratio_numerator, mask_ratio_denominator,
-      std::vector<int64_t>(span_word_thresholds.begin(), span_word_thresholds.end()),
-      mask_threshold, random_threshold, max_span_len};
-  PreparedSpanMasking prepared{};
-  prepared.params = check_span_masking_inputs(input_ids, token_flags, attention_mask,
-                                              word_starts, offsets, unigram_cdf, arguments);
-  prepared.ids = input_ids.contiguous();
-  prepared.flags = token_flags.contiguous();
-  prepared.mask = attention_mask_as_bool(attention_mask);
-  prepared.starts = word_starts.has_value() ? word_starts->contiguous() : at::Tensor();
-  prepared.row_offsets = offsets.contiguous();
-  prepared.cdf = unigram_cdf.has_value() ? unigram_cdf->contiguous() : at::Tensor();
-  prepared.masked_ids = at::empty(prepared.ids.sizes(), prepared.ids.options());
-  prepared.labels = at::empty(prepared.ids.sizes(), prepared.ids.options());
+namespace {
 
-  core::SpanMaskingTensors& tensors = prepared.tensors;
-  tensors = core::SpanMaskingTensors{};
-  tensors.input_ids = prepared.ids.const_data_ptr<int64_t>();
-  tensors.token_flags = prepared.flags.const_data_ptr<uint8_t>();
-  tensors.attention_mask = prepared.mask.defined() ? prepared.mask.const_data_ptr<bool>() : nullptr;
-  tensors.word_starts = prepared.starts.defined() ? prepared.starts.const_data_ptr<bool>() : nullptr;
-  tensors.offsets = prepared.row_offsets.const_data_ptr<int64_t>();
-  tensors.unigram_cdf = prepared.cdf.defined() ? prepared.cdf.const_data_ptr<int64_t>() : nullptr;
-  tensors.masked_ids = prepared.masked_ids.mutable_data_ptr<int64_t>();
-  tensors.labels = prepared.labels.mutable_data_ptr<int64_t>();
-  return prepared;
-}
-
-SpanMaskingResult span_masking_cpu(
-    const at::Tensor& input_ids, const at::Tensor& token_flags,
-    const std::optional<at::Tensor>& attention_mask,
-    const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
-    const std::optional<at::Tensor>& unigram_cdf, int64_t seed, int64_t mask_token_id,
-    int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
-    c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
-    int64_t max_span_len) {
-  PreparedSpanMasking prepared = prepare_span_masking(
-      input_ids, token_flags, attention_mask, word_starts, offsets, unigram_cdf, seed,
-      mask_token_id, mask_ratio_numerator, mask_ratio_denominator, span_word_thresholds,
-      mask_threshold, random_threshold, max_span_len);
+SpanMaskingResult span_masking_cpu(PreparedSpanMasking& prepared) {
   const core::SpanMaskingParams& params = prepared.params;
   const at::Tensor& ids = prepared.ids;
-  if (ids.numel() == 0) {
-    return {prepared.masked_ids, prepared.labels, at::empty({0, 5}, ids.options())};
-  }
   std::vector<int64_t> sbo_counts(params.batch);
 
   core::SpanMaskingTensors& tensors = prepared.tensors;
@@ -268,6 +220,55 @@ SpanMaskingResult span_masking_cpu(
     }
   });
   return {prepared.masked_ids, prepared.labels, sbo_targets};
+}
+
+}  // namespace
+
+SpanMaskingResult span_masking(
+    const at::Tensor& input_ids, const at::Tensor& token_flags,
+    const std::optional<at::Tensor>& attention_mask,
+    const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& unigram_cdf, int64_t seed, int64_t mask_token_id,
+    int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
+    c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
+    int64_t max_span_len) {
+  const SpanMaskingArguments arguments{
+      seed, mask_token_id, mask_ratio_numerator, mask_ratio_denominator,
+      std::vector<int64_t>(span_word_thresholds.begin(), span_word_thresholds.end()),
+      mask_threshold, random_threshold, max_span_len};
+  PreparedSpanMasking prepared{};
+  prepared.params = check_span_masking_inputs(input_ids, token_flags, attention_mask,
+                                              word_starts, offsets, unigram_cdf, arguments);
+  // Copies and allocations below go to the inputs' device (a no-op guard on the CPU).
+  const c10::OptionalDeviceGuard device_guard(input_ids.device());
+  prepared.ids = input_ids.contiguous();
+  prepared.flags = token_flags.contiguous();
+  prepared.mask = attention_mask_as_bool(attention_mask);
+  prepared.starts = word_starts.has_value() ? word_starts->contiguous() : at::Tensor();
+  prepared.row_offsets = offsets.contiguous();
+  prepared.cdf = unigram_cdf.has_value() ? unigram_cdf->contiguous() : at::Tensor();
+  prepared.masked_ids = at::empty(prepared.ids.sizes(), prepared.ids.options());
+  prepared.labels = at::empty(prepared.ids.sizes(), prepared.ids.options());
+  if (prepared.ids.numel() == 0) {
+    return {prepared.masked_ids, prepared.labels, at::empty({0, 5}, prepared.ids.options())};
+  }
+
+  core::SpanMaskingTensors& tensors = prepared.tensors;
+  tensors = core::SpanMaskingTensors{};
+  tensors.input_ids = prepared.ids.const_data_ptr<int64_t>();
+  tensors.token_flags = prepared.flags.const_data_ptr<uint8_t>();
+  tensors.attention_mask = prepared.mask.defined() ? prepared.mask.const_data_ptr<bool>() : nullptr;
+  tensors.word_starts = prepared.starts.defined() ? prepared.starts.const_data_ptr<bool>() : nullptr;
+  tensors.offsets = prepared.row_offsets.const_data_ptr<int64_t>();
+  tensors.unigram_cdf = prepared.cdf.defined() ? prepared.cdf.const_data_ptr<int64_t>() : nullptr;
+  tensors.masked_ids = prepared.masked_ids.mutable_data_ptr<int64_t>();
+  tensors.labels = prepared.labels.mutable_data_ptr<int64_t>();
+#ifdef SBF_WITH_CUDA
+  if (prepared.ids.is_cuda()) {
+    return span_masking_cuda(prepared);
+  }
+#endif
+  return span_masking_cpu(prepared);
 }
 
 at::Tensor sample_span_lengths_cpu(int64_t seed, const at::Tensor& offsets, int64_t count,

@@ -415,15 +415,19 @@ def _cuda_include_dir():
     return None
 
 
+CPP_SOURCES = sorted((REPO_ROOT / "csrc").glob("*.cpp"))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None or _cuda_include_dir() is None,
                     reason="needs g++ and the CUDA toolkit's headers")
-def test_cuda_wrappers_in_extension_cpp_compile(tmp_path):
-    """extension.cpp's torch-facing CUDA wrappers sit behind SBF_WITH_CUDA, which a CPU
-    build of torch never defines: without this check a typo there would only show on a
-    GPU machine's build. A syntax-only compile against torch's headers and the CUDA
-    toolkit's; the CPU wheel lacks one generated header (c10/cuda/impl/cuda_cmake_macros.h),
-    which an empty stand-in replaces."""
+@pytest.mark.parametrize("source", CPP_SOURCES, ids=[s.name for s in CPP_SOURCES])
+def test_cpp_sources_compile_as_in_a_cuda_build(source, tmp_path):
+    """The torch-facing CUDA code (extension.cpp's wrappers, span_masking's dispatch to
+    them) sits behind SBF_WITH_CUDA, which a CPU build of torch never defines: without
+    this check a typo there would only show on a GPU machine's build. A syntax-only
+    compile against torch's headers and the CUDA toolkit's; the CPU wheel lacks one
+    generated header (c10/cuda/impl/cuda_cmake_macros.h), which an empty stand-in replaces."""
     stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
     stub.parent.mkdir(parents=True)
     stub.write_text("#pragma once\n")
@@ -434,6 +438,6 @@ def test_cuda_wrappers_in_extension_cpp_compile(tmp_path):
                "-I", sysconfig.get_paths()["include"]]
     for path in include_paths():
         command += ["-I", path]
-    command.append(str(REPO_ROOT / "csrc" / "extension.cpp"))
+    command.append(str(source))
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
