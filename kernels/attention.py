@@ -356,8 +356,25 @@ def _strides(x: torch.Tensor, varlen: bool) -> Tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _indexable(x: torch.Tensor, varlen: bool, rows: int) -> bool:
+    """Whether the kernels can address ``x`` in place: a unit stride over head_dim, and
+    in-sequence offsets (row * token stride, int32 products in the inner loops) below 2**31.
+    Batch, head and sequence-start offsets are int64 in the kernels, so any size passes."""
+    token_stride = x.stride(0) if varlen else x.stride(2)
+    return x.stride(-1) == 1 and token_stride * max(rows, 1) < 2**31
+
+
+def _kernel_view(x: torch.Tensor, varlen: bool, rows: int) -> torch.Tensor:
+    """``x``, or a contiguous copy where the kernels cannot address it (e.g. a seq-first
+    (S, B, H, D) tensor of more than 2**31 elements permuted to (B, H, S, D))."""
+    return x if _indexable(x, varlen, rows) else x.contiguous()
+
+
+def _rows_per_sequence(q: torch.Tensor, cu_seqlens, max_seqlen) -> Tuple[bool, int]:
+    """(varlen, the most rows one sequence has)."""
+    if cu_seqlens is not None:
+        return True, int(max_seqlen)
+    return False, q.shape[2]
 
 
 def _check_inputs(q, k, v, key_lengths, cu_seqlens) -> None:
@@ -419,15 +436,19 @@ def attention_forward(
     Returns ``(out, lse)`` with ``lse`` ``(B, H, max_seqlen)`` fp32 in base 2.
     """
     _check_inputs(q, k, v, key_lengths, cu_seqlens)
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    varlen, rows = _rows_per_sequence(q, cu_seqlens, max_seqlen)
+    q, k, v = (_kernel_view(t, varlen, rows) for t in (q, k, v))
     key_lengths, cu_seqlens = _contiguous_int32(key_lengths), _contiguous_int32(cu_seqlens)
     batch, heads, seqlen, varlen = _layout(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
+    target = None  # a caller's out the kernels cannot address: written through a copy
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must have q's shape {tuple(q.shape)} and dtype {q.dtype} with a "
                          f"unit last stride, got {tuple(out.shape)} {out.dtype}")
+    elif not _indexable(out, varlen, rows):
+        target, out = out, torch.empty_like(q, memory_format=torch.contiguous_format)
     # Zeroed, not empty: in the packed layout rows past a sequence's end are never written,
     # and a returned tensor must not carry uninitialised memory (it is batch*heads*seq floats).
     lse = torch.zeros((batch, heads, seqlen), device=q.device, dtype=torch.float32)
@@ -435,7 +456,7 @@ def attention_forward(
     block_m, block_n, num_warps, num_stages = _block_sizes(block_d, is_backward=False)
     grid = (triton.cdiv(max(seqlen, 1), block_m), batch * heads)
     if batch * heads == 0 or seqlen == 0:
-        return out, lse
+        return (out if target is None else target), lse
     dummy = lse  # stands in for absent pointer arguments; never read (constexpr-guarded)
     _attention_forward_kernel[grid](
         q, k, v, out, lse,
@@ -448,6 +469,8 @@ def attention_forward(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,
     )
+    if target is not None:
+        out = target.copy_(out)
     return out, lse
 
 
@@ -464,7 +487,8 @@ def attention_backward(
     ``grads_out``: optional preallocated contiguous ``(dq, dk, dv)`` buffers.
     """
     _check_inputs(q, k, v, key_lengths, cu_seqlens)
-    q, k, v, out, dout = (_unit_last_stride(t) for t in (q, k, v, out, dout))
+    varlen, rows = _rows_per_sequence(q, cu_seqlens, max_seqlen)
+    q, k, v, out, dout = (_kernel_view(t, varlen, rows) for t in (q, k, v, out, dout))
     key_lengths, cu_seqlens = _contiguous_int32(key_lengths), _contiguous_int32(cu_seqlens)
     # The kernels index lse (and delta, allocated like it) as LSE + batch_head * stride(1) +
     # row: contiguous (B, H, S) only. A copy is B * H * S floats.

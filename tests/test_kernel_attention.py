@@ -378,7 +378,45 @@ def test_offsets_past_2_31_elements_do_not_wrap(layout, far_stride, device="cpu"
         assert torch.equal(got, want), f"{layout} {name}: results past 2**31 elements differ"
 
 
+def test_token_stride_times_length_past_2_31_does_not_wrap(device="cpu"):
+    """Within a sequence the kernels compute row * token_stride in int32. A layout whose
+    token stride times the length passes 2**31 (a seq-first (S, B, H, D) tensor of more
+    than 2**31 elements permuted to (B, H, S, D)) read rows 32-39 here from wrapped
+    addresses (errors of 0.3-0.7); the launchers now copy such inputs, and write such an
+    ``out`` through a copy. Results must equal the contiguous run bit for bit."""
+    seq, head_dim, token_stride = 40, 16, 2**26
+    assert token_stride < 2**31 <= (seq - 1) * token_stride
+    storage = torch.empty((seq - 1) * token_stride + 5 * head_dim, dtype=torch.float16,
+                          device=device)
+    generator = torch.Generator().manual_seed(4)
+    views = []
+    for slot in range(5):  # q, k, v, out, dout
+        view = storage.as_strided((1, 1, seq, head_dim), (0, 0, token_stride, 1),
+                                  slot * head_dim)
+        view.copy_(torch.randn(1, 1, seq, head_dim, generator=generator).half().to(device))
+        views.append(view)
+    q, k, v, out, dout = views
+    out, lse = attention_kernel.attention_forward(q, k, v, None, None, seq, 0.25, 0.0, 0,
+                                                  out=out)
+    assert out.data_ptr() == views[3].data_ptr(), "the caller's out must hold the result"
+    grads = attention_kernel.attention_backward(dout, q, k, v, out, lse, None, None, seq,
+                                                0.25, 0.0, 0)
+    small = [t.contiguous() for t in (q, k, v, dout)]
+    out_small, lse_small = attention_kernel.attention_forward(*small[:3], None, None, seq,
+                                                              0.25, 0.0, 0)
+    grads_small = attention_kernel.attention_backward(small[3], *small[:3], out_small,
+                                                      lse_small, None, None, seq, 0.25, 0.0, 0)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads),
+                               (out_small, *grads_small)):
+        assert torch.equal(got, want), f"{name}: rows past a 2**31 in-sequence offset differ"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout, far_stride", FAR_STRIDES)
 def test_gpu_offsets_past_2_31_elements_do_not_wrap(layout, far_stride):
     test_offsets_past_2_31_elements_do_not_wrap(layout, far_stride, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_token_stride_times_length_past_2_31_does_not_wrap():
+    test_token_stride_times_length_past_2_31_does_not_wrap(device="cuda")
