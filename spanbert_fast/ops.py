@@ -22,6 +22,7 @@ backend must match.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -225,6 +226,20 @@ def _check_same_device(**tensors) -> None:
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
+def _check_matmul_dtypes(**tensors) -> None:
+    """The float operands of an op that multiplies matrices share one dtype, as F.linear
+    requires, unless autocast is on (it casts them; see _autocast_matmul_inputs)."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    first = next(iter(present.values()))
+    if torch.is_autocast_enabled(first.device.type):
+        return
+    dtypes = {name: t.dtype for name, t in present.items()}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{n} {str(d).replace('torch.', '')}" for n, d in dtypes.items())
+        raise TypeError(f"the float tensors must share one dtype (or run under torch.autocast), "
+                        f"got {listing}")
+
+
 def _check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
@@ -242,6 +257,36 @@ def _check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
     lo, hi = int(t.min()), int(t.max())
     if lo < low or hi >= high:
         raise ValueError(f"{name} values must lie in [{low}, {high}), got min {lo}, max {hi}")
+
+
+# --------------------------------------------------------------------------------------
+# Autocast. Custom-op bodies are opaque to autocast, but a torch.mm inside a launcher would
+# still follow it in eager mode (and not in a compiled graph, whose fake declares the input
+# dtypes): bodies run with autocast off, and ops that multiply matrices get their float
+# inputs cast to the autocast dtype first, as autocast casts an nn.Linear's. The torch
+# backend runs the reference under autocast itself and needs neither.
+# --------------------------------------------------------------------------------------
+def _without_autocast(tensor: Optional[torch.Tensor]):
+    device_type = tensor.device.type if tensor is not None else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _autocast_matmul_inputs(args: tuple) -> tuple:
+    """``args`` with every float tensor cast to the active autocast dtype of the first
+    tensor's device (unchanged when autocast is off there)."""
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return args
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+
+
+# Ops whose Triton path multiplies matrices (see above).
+_AUTOCAST_MATMUL_OPS = ("span_boundary_head",)
 
 
 # --------------------------------------------------------------------------------------
@@ -274,12 +319,14 @@ def _register_op(name: str, schema_args: Sequence[Tuple[str, str]], reference_fn
             raise ValueError(f"torch.ops.spanbert_fast.{name} runs backend 'torch' only; its "
                              "Triton kernel has a dedicated op (use spanbert_fast.ops."
                              f"{name}, which picks it)")
-        return _kernel_module(name).forward(*op_args)
+        with _without_autocast(op_args[0]):
+            return _kernel_module(name).forward(*op_args)
 
     def backward_impl(grad_output, *args):
         *op_args, needs, backend = args
         if backend != "torch":
-            return _kernel_module(name).backward(grad_output, *op_args, needs)
+            with _without_autocast(grad_output):
+                return _kernel_module(name).backward(grad_output, *op_args, needs)
         # Differentiate the reference: the ground truth a kernel must match. A custom op
         # runs below the autograd dispatch key, so torch.autograd would record nothing
         # here; torch.func.vjp carries its own differentiation level and works.
@@ -495,9 +542,10 @@ def _fused_linear_cross_entropy(
     labels: torch.Tensor, ignore_index: int, need_grads: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d loss/d hidden, d loss/d weight, d loss/d bias); empty grads when not needed."""
-    loss, grad_hidden, grad_weight, grad_bias = _kernel_module(
-        "linear_cross_entropy").linear_cross_entropy_forward(hidden, weight, bias, labels,
-                                                             ignore_index, need_grads)
+    with _without_autocast(hidden):
+        loss, grad_hidden, grad_weight, grad_bias = _kernel_module(
+            "linear_cross_entropy").linear_cross_entropy_forward(hidden, weight, bias, labels,
+                                                                 ignore_index, need_grads)
     # Distinct empty tensors: a custom op may not return one tensor twice (aliasing).
     return (loss, grad_hidden if grad_hidden is not None else hidden.new_empty(0),
             grad_weight if grad_weight is not None else hidden.new_empty(0),
@@ -541,6 +589,8 @@ def _run(name: str, backend: str, tensors: Sequence[torch.Tensor], args: tuple):
     if chosen == "torch":
         # Plain autograd through the reference; torch.compile traces it directly.
         return getattr(reference, name)(*args)
+    if name in _AUTOCAST_MATMUL_OPS:
+        args = _autocast_matmul_inputs(args)
     return _custom_op(name)(*args, chosen)
 
 
@@ -763,8 +813,12 @@ def span_boundary_head(
                     ("b2", b2), ("ln2_weight", ln2_weight), ("ln2_bias", ln2_bias)):
         _check_tensor(name, t, ndim=1, dtypes=_FLOAT_DTYPES)
         _check_shape(name, t, (width,))
-    _check_same_device(hidden=hidden, left_index=left_index, right_index=right_index,
-                       rel_pos=rel_pos, position_table=position_table, w1=w1, w2=w2)
+    floats = dict(hidden=hidden, position_table=position_table, w1=w1, b1=b1,
+                  ln1_weight=ln1_weight, ln1_bias=ln1_bias, w2=w2, b2=b2,
+                  ln2_weight=ln2_weight, ln2_bias=ln2_bias)
+    _check_same_device(left_index=left_index, right_index=right_index, rel_pos=rel_pos,
+                       **floats)
+    _check_matmul_dtypes(**floats)
     _check_index_range("left_index", left_index, 0, tokens)
     _check_index_range("right_index", right_index, 0, tokens)
     _check_index_range("rel_pos", rel_pos, 0, rows)
@@ -798,6 +852,7 @@ def linear_cross_entropy(
     _check_tensor("labels", labels, ndim=1, dtypes=(torch.int64,))
     _check_shape("labels", labels, (hidden.shape[0],))
     _check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    _check_matmul_dtypes(hidden=hidden, weight=weight, bias=bias)
     if labels.numel() and _values_checkable():
         valid = labels[labels != ignore_index]
         _check_index_range("labels", valid, 0, weight.shape[0])
@@ -805,6 +860,7 @@ def linear_cross_entropy(
                              [t for t in (hidden, weight, bias, labels) if t is not None])
     if chosen == "torch":
         return reference.linear_cross_entropy(hidden, weight, bias, labels, int(ignore_index))
+    hidden, weight, bias = _autocast_matmul_inputs((hidden, weight, bias))
     need_grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _fused_linear_cross_entropy(hidden, weight, bias, labels, int(ignore_index),

@@ -17,6 +17,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Import (decorate) every Triton kernel now, in interpreter mode: triton.jit reads
+    # TRITON_INTERPRET when a kernel is defined, and a test that unsets it to check the
+    # errors without the interpreter must not be the first to import the kernels (every
+    # later launch then failed with "0 active drivers", depending on test order).
+    from spanbert_fast import ops as _ops  # noqa: E402
+    _ops._probe_triton()
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():

@@ -312,3 +312,62 @@ def test_other_ops_bad_input():
     bad = dict(p, w1=p["w1"][:, :-1])
     with pytest.raises(ValueError, match="w1 must have shape"):
         ops.span_boundary_head(hidden, left, right, rel, **bad)
+
+
+# --------------------------------------------------------------------------------------
+# Autocast and mixed dtypes
+# --------------------------------------------------------------------------------------
+
+
+def test_span_boundary_head_under_autocast_same_in_eager_compiled_and_torch():
+    """Under autocast the Triton SBO op returned fp16 in eager mode (a torch.mm inside its
+    launcher followed autocast) but fp32 compiled (its fake), and a backward inside autocast
+    crashed in index_add_. Its matmul inputs are now cast to the autocast dtype first and
+    its body runs without autocast: eager, compiled and the torch backend agree."""
+    hidden, left, right, rel, params = _sbo_inputs()
+    leaves = [hidden.requires_grad_(), params["w1"].requires_grad_()]
+
+    def run(backend):
+        return ops.span_boundary_head(hidden, left, right, rel, backend=backend, **params)
+
+    compiled = torch.compile(lambda: run("triton"), fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.float16):
+        eager, from_graph, torch_out = run("triton"), compiled(), run("torch")
+        grads = torch.autograd.grad(eager.float().sum(), leaves)  # backward inside autocast
+    assert eager.dtype == from_graph.dtype == torch_out.dtype == torch.float16
+    assert torch.equal(eager, from_graph)
+    assert_close(eager.float(), torch_out.float(), max_rel=2e-3, name="sbo under autocast")
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32]
+
+
+def test_linear_cross_entropy_under_autocast_matches_the_torch_backend():
+    g = torch.Generator().manual_seed(12)
+    hidden = torch.randn(6, 24, generator=g, requires_grad=True)
+    weight = torch.randn(30, 24, generator=g, requires_grad=True)
+    labels = torch.randint(0, 30, (6,), generator=g)
+    with torch.autocast("cpu", dtype=torch.float16):
+        losses = [ops.linear_cross_entropy(hidden, weight, None, labels, backend=b)
+                  for b in ("triton", "torch")]
+    assert all(l.dtype == torch.float32 for l in losses)
+    assert_close(losses[0], losses[1], max_rel=1e-5, name="autocast linear cross-entropy")
+
+
+def test_matmul_ops_refuse_mixed_dtypes_outside_autocast():
+    """fp16 activations with fp32 weights: the Triton path accepted them (fp16 out) and the
+    torch path crashed in F.linear; both now get a TypeError naming the dtypes."""
+    hidden, left, right, rel, params = _sbo_inputs()
+    for backend in ("triton", "torch"):
+        with pytest.raises(TypeError, match="hidden float16, position_table float32"):
+            ops.span_boundary_head(hidden.half(), left, right, rel, backend=backend, **params)
+        with pytest.raises(TypeError, match="hidden float16, weight float32"):
+            ops.linear_cross_entropy(hidden.half(), torch.randn(30, 8), None,
+                                     torch.zeros(12, dtype=torch.long), backend=backend)
+
+
+def test_span_boundary_head_checks_the_device_of_every_tensor():
+    """b1 and the LayerNorm parameters were left out of the device check: b1 on meta sent
+    the call to the fake, which returned uninitialised memory."""
+    hidden, left, right, rel, params = _sbo_inputs()
+    params["b1"] = params["b1"].to("meta")
+    with pytest.raises(ValueError, match="b1 on meta"):
+        ops.span_boundary_head(hidden, left, right, rel, backend="triton", **params)
