@@ -55,7 +55,10 @@ def read_corpus(path: str) -> CorpusText:
                 raise InputError(f"corpus file {file!r} is empty")
             continue
         current: List[str] = []
-        for line in text.splitlines():
+        # Newlines only: str.splitlines() also splits at form feeds, \x1c-\x1e, \x85,
+        # U+2028 and U+2029, which would turn one line into several (or into a document
+        # boundary).
+        for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
             line = line.strip()
             if line:
                 current.append(line)

@@ -8,10 +8,12 @@ command line prints that message as ``spanbert-fast: error: ...`` and exits with
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, List
 
-__all__ = ["InputError", "read_utf8", "read_json", "list_corpus_files"]
+__all__ = ["InputError", "read_utf8", "read_json", "list_corpus_files", "check_positive",
+           "check_in_range", "check_regularisation"]
 
 
 class InputError(ValueError):
@@ -76,3 +78,26 @@ def list_corpus_files(path: str) -> List[str]:
     if not found:
         raise InputError(f"corpus directory {path!r} holds no files")
     return sorted(found)
+
+
+# Command-line option checks shared by the commands: each raises InputError naming the option.
+def check_positive(name: str, value: Any) -> None:
+    # "not > 0" also refuses NaN, which "<= 0" lets through.
+    if value is None or not value > 0 or not math.isfinite(value):
+        raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def check_in_range(name: str, value: float, low: float, high: float, high_open: bool = False) -> None:
+    """``low <= value <= high`` (``< high`` if ``high_open``); NaN is refused."""
+    ok = low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise InputError(f"--{name.replace('_', '-')} must be in [{low}, {high}{bracket}, "
+                         f"got {value}")
+
+
+def check_regularisation(max_grad_norm: float, weight_decay: float) -> None:
+    """--max-grad-norm (0 = no clipping) and --weight-decay: finite and >= 0."""
+    for name, value in (("max_grad_norm", max_grad_norm), ("weight_decay", weight_decay)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {value}")

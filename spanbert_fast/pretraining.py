@@ -37,10 +37,11 @@ import torch.distributed as dist
 
 from .config import SpanBertConfig
 from .corpus import BlockOrder, PackedBlocks, pack_corpus, read_corpus
-from .input_files import InputError
+from .input_files import InputError, check_positive, check_regularisation, check_in_range
 from .masking import SpanMasker, SpanMaskingCollator
 from .modeling import SpanBertForPreTraining
-from .tokenization import WordPieceTokenizer, load_tokenizer, train_tokenizer
+from .tokenization import (WordPieceTokenizer, load_tokenizer, tokenizer_from_vocab_file,
+                           train_tokenizer)
 from .training import (adamw_parameter_groups, autocast, make_grad_scaler, resolve_device,
                        resolve_precision, rng_state, seed_everything, set_rng_state,
                        warmup_then_decay)
@@ -152,11 +153,6 @@ def _init_process_group(procs: _Processes, device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------
 # Option checks
 # ---------------------------------------------------------------------------------------
-def _positive(name: str, value: Any) -> None:
-    if value is None or value <= 0:
-        raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
-
 def _model_config(spec: str) -> SpanBertConfig:
     presets = {"tiny": SpanBertConfig.tiny, "base": SpanBertConfig.base,
                "large": SpanBertConfig.large}
@@ -174,11 +170,16 @@ def _model_config(spec: str) -> SpanBertConfig:
 def _check_options(opts: PretrainOptions, procs: _Processes) -> None:
     for name in ("max_steps", "batch_size", "grad_accum_steps", "save_every", "log_every",
                  "lr", "keep_checkpoints"):
-        _positive(name, getattr(opts, name))
+        check_positive(name, getattr(opts, name))
     if opts.resume is None and (opts.vocab is None) == (opts.train_tokenizer is None):
         raise InputError("give exactly one of --vocab vocab.txt and --train-tokenizer N")
-    if opts.warmup_steps is not None and opts.warmup_steps < 0:
-        raise InputError(f"--warmup-steps must be >= 0, got {opts.warmup_steps}")
+    if opts.warmup_steps is not None and not 0 <= opts.warmup_steps <= opts.max_steps:
+        raise InputError(f"--warmup-steps must be in [0, --max-steps={opts.max_steps}] (the "
+                         f"learning rate would never reach its peak), got {opts.warmup_steps}")
+    check_in_range("lr_decay_power", opts.lr_decay_power, 0.0, 100.0)
+    for beta in (opts.adam_beta1, opts.adam_beta2):
+        check_in_range("adam_betas", beta, 0.0, 1.0, high_open=True)
+    check_in_range("adam_eps", opts.adam_eps, 0.0, 1.0)
     per_step = procs.world * opts.grad_accum_steps
     if opts.batch_size % per_step:
         raise InputError(f"--batch-size {opts.batch_size} (the global batch) must be a multiple "
@@ -186,8 +187,7 @@ def _check_options(opts: PretrainOptions, procs: _Processes) -> None:
                          f"{opts.grad_accum_steps}")
     if not 0.0 < opts.mask_ratio < 1.0:
         raise InputError(f"--mask-ratio must be in (0, 1), got {opts.mask_ratio}")
-    if opts.max_grad_norm < 0 or opts.weight_decay < 0:
-        raise InputError("--max-grad-norm and --weight-decay must be >= 0")
+    check_regularisation(opts.max_grad_norm, opts.weight_decay)
     if not 0 <= opts.seed < 2**63:
         raise InputError(f"--seed must be in [0, 2^63), got {opts.seed}")
 
@@ -315,14 +315,26 @@ def _given_tokenizer(opts: PretrainOptions, resume_dir: Optional[str]
     if resume_dir is not None:
         tokenizer = load_tokenizer(resume_dir)
         if opts.vocab is not None:
-            given = load_tokenizer(opts.vocab)
+            given = _vocab_option(opts.vocab, opts.lowercase)
             if given.fingerprint() != tokenizer.fingerprint():
                 raise InputError(f"--vocab {opts.vocab!r} differs from the vocabulary of the "
                                  f"checkpoint {resume_dir!r}; resume with the same vocabulary")
         return tokenizer
     if opts.vocab is not None:
-        return load_tokenizer(opts.vocab)
+        return _vocab_option(opts.vocab, opts.lowercase)
     return None
+
+
+def _vocab_option(path: str, lowercase: bool) -> WordPieceTokenizer:
+    """--vocab: a bare vocab.txt follows --lowercase (it has no casing of its own); a
+    tokenizer.json or a directory says its casing, which --lowercase must not contradict."""
+    if os.path.isfile(path) and not path.endswith(".json"):
+        return tokenizer_from_vocab_file(path, lowercase=lowercase)
+    tokenizer = load_tokenizer(path)
+    if lowercase and not tokenizer.lowercase:
+        raise InputError(f"--lowercase was given but --vocab {path!r} is a cased tokenizer; "
+                         "drop --lowercase or give a lowercasing tokenizer")
+    return tokenizer
 
 
 def _trained_tokenizer(opts: PretrainOptions, procs: _Processes, corpus) -> WordPieceTokenizer:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .input_files import InputError
+from .input_files import InputError, check_positive, check_regularisation
 from .modeling import SpanBertForQuestionAnswering
 from .squad import (QAWindow, SquadExample, build_windows, evaluate_predictions,
                     extract_answers, read_squad)
@@ -185,8 +185,9 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
         if getattr(opts, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got "
                              f"{getattr(opts, name)}")
-    if opts.epochs <= 0 or opts.lr <= 0:
-        raise InputError("--epochs and --lr must be positive")
+    for name in ("epochs", "lr"):
+        check_positive(name, getattr(opts, name))
+    check_regularisation(opts.max_grad_norm, opts.weight_decay)
     if not 0.0 <= opts.warmup_ratio < 1.0:
         raise InputError(f"--warmup-ratio must be in [0, 1), got {opts.warmup_ratio}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

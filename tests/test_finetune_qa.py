@@ -235,6 +235,18 @@ def test_finetune_rejects_missing_files(tmp_path, capsys, tiny_model_dir):
     assert "--train, --dev or both" in _one_error_line(capsys)
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("--epochs", "nan", "--epochs must be positive, got nan"),  # was a traceback in round()
+    ("--lr", "inf", "--lr must be positive, got inf"),
+    ("--weight-decay", "-1", "--weight-decay must be >= 0, got -1.0"),  # was accepted
+    ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0, got -1.0"),
+])
+def test_finetune_rejects_bad_optimiser_options(capsys, tiny_model_dir, option, value, expected):
+    assert main(["finetune-qa", "--model", tiny_model_dir, "--train", SQUAD, option, value,
+                 "--quiet"]) == 2
+    assert expected in _one_error_line(capsys)
+
+
 # ---------------------------------------------------------------------------- the pipeline
 def test_finetune_overfits_the_tiny_sample(tmp_path, tiny_model_dir, capsys):
     out = str(tmp_path / "qa")

@@ -212,6 +212,9 @@ def _write(path, data: bytes) -> str:
     "vocab without [MASK]", "non-UTF-8 vocab", "no vocabulary", "seq-len too long",
     "missing config", "config not JSON", "batch not divisible", "missing resume",
     "bf16 on CPU", "tiny tokenizer", "out holds another run",
+    # Optimiser options that reached torch (a traceback) or a crash mid-run before:
+    "negative lr decay power", "beta1 of 1.5", "negative adam eps", "lr nan",
+    "warmup past max steps", "cased tokenizer.json with --lowercase",
 ])
 def test_pretrain_bad_input_gives_one_error_line(tmp_path, capsys, case):
     corpus, vocab, extra = CORPUS, ["--vocab", VOCAB], []
@@ -226,6 +229,12 @@ def test_pretrain_bad_input_gives_one_error_line(tmp_path, capsys, case):
         "missing resume": "--resume", "bf16 on CPU": "needs a CUDA device",
         "tiny tokenizer": "--train-tokenizer needs a vocabulary size above 5",
         "out holds another run": "already holds checkpoints of another run",
+        "negative lr decay power": "--lr-decay-power must be in [0.0, 100.0]",
+        "beta1 of 1.5": "--adam-betas must be in [0.0, 1.0)",
+        "negative adam eps": "--adam-eps must be in [0.0, 1.0]",
+        "lr nan": "--lr must be positive, got nan",
+        "warmup past max steps": "--warmup-steps must be in [0, --max-steps=1]",
+        "cased tokenizer.json with --lowercase": "--lowercase was given but --vocab",
     }[case]
     if case == "missing corpus":
         corpus = str(tmp_path / "nowhere.txt")
@@ -259,6 +268,20 @@ def test_pretrain_bad_input_gives_one_error_line(tmp_path, capsys, case):
         extra = ["--precision", "bf16", "--device", "cpu"]
     elif case == "tiny tokenizer":
         vocab = ["--train-tokenizer", "3"]
+    elif case == "negative lr decay power":
+        extra = ["--lr-decay-power", "-1"]
+    elif case == "beta1 of 1.5":
+        extra = ["--adam-betas", "1.5", "0.9"]
+    elif case == "negative adam eps":
+        extra = ["--adam-eps", "-1"]
+    elif case == "lr nan":
+        extra = ["--lr", "nan"]
+    elif case == "warmup past max steps":
+        extra = ["--warmup-steps", "50"]
+    elif case == "cased tokenizer.json with --lowercase":
+        load_tokenizer(VOCAB).save(str(tmp_path / "cased"))
+        vocab = ["--vocab", str(tmp_path / "cased" / "tokenizer.json")]
+        extra = ["--lowercase"]
     elif case == "out holds another run":
         os.makedirs(tmp_path / "out" / "checkpoint-7")
         (tmp_path / "out" / "checkpoint-7" / "training_state.pt").write_bytes(b"")
@@ -321,6 +344,31 @@ def test_tokenizer_roundtrip_and_continuations(tmp_path):
     ids, spans = tokenizer.encode_with_offsets("Elmsworth")
     assert len(ids) > 1 and all(flags[i] for i in ids[1:])  # one word, continued pieces
     assert spans[0][0] == 0 and spans[-1][1] == len("Elmsworth")
+
+
+def test_vocab_txt_follows_lowercase(tmp_path):
+    """--vocab vocab.txt --lowercase ignored --lowercase: a lowercased vocabulary read cased
+    text, so capitalised words became [UNK] and the saved tokenizer said do_lower_case
+    false. A bare vocab.txt has no casing of its own and now follows the flag."""
+    from spanbert_fast.pretraining import _vocab_option
+    lower = tmp_path / "vocab.txt"
+    lower.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nharbour\ntown\n",
+                     encoding="utf-8")
+    tokenizer = _vocab_option(str(lower), lowercase=True)
+    assert tokenizer.lowercase
+    ids, _ = tokenizer.encode_with_offsets("The Harbour Town")
+    assert tokenizer.unk_id not in ids
+    assert not _vocab_option(str(lower), lowercase=False).lowercase
+
+
+def test_corpus_lines_split_at_newlines_only(tmp_path):
+    """str.splitlines() also split at U+2029 and friends: one line became several, and two
+    of them in a row a document boundary."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("First A.\u2029\u2029still first.\nSecond line.\n\nNext doc.\n",
+                    encoding="utf-8")
+    documents = read_corpus(str(path)).documents
+    assert len(documents) == 2 and len(documents[0]) == 2
 
 
 def test_a_failed_tokenizer_save_leaves_the_previous_one_whole(tmp_path, monkeypatch):
