@@ -703,6 +703,60 @@ def test_cuda_matches_cpu_bit_for_bit(native):
         make_masker()(input_ids.cuda())
 
 
+def _cpu_and_cuda(masker, input_ids, attention_mask=None, word_starts=None, offsets=None):
+    on_cpu = masker(input_ids, attention_mask, word_starts, offsets)
+    masker.to("cuda")
+    try:
+        moved = [None if t is None else torch.as_tensor(t).cuda()
+                 for t in (input_ids, attention_mask, word_starts, offsets)]
+        on_gpu = masker(*moved)
+    finally:
+        masker.to("cpu")
+    return on_cpu, on_gpu
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_on_edge_shapes_and_options(native):
+    """The cases the 4096 x 512 test leaves out: batch 1, long rows, all-padding rows,
+    explicit word_starts, a mask given as int, seq 0; and word_starts() itself."""
+    ids_long, mask_long = make_batch(3, 3000, seed=24)
+    ids, mask = make_batch(16, 64, seed=25)
+    mask[3] = False  # a row of padding only
+    ids[3] = PAD
+    starts = torch.rand(16, 64, generator=torch.Generator().manual_seed(26)) < 0.6
+    cases = {
+        "batch 1": (ids[:1], mask[:1], None),
+        "seq 3000": (ids_long, mask_long, None),
+        "all-padding row, int mask": (ids, mask.int(), None),
+        "explicit word_starts": (ids, mask, starts),
+        "seq 0": (torch.empty(4, 0, dtype=torch.long), None, None),
+    }
+    for label, (input_ids, attention_mask, word_starts) in cases.items():
+        on_cpu, on_gpu = _cpu_and_cuda(make_masker(), input_ids, attention_mask, word_starts,
+                                       torch.arange(input_ids.shape[0]) + 7)
+        for name, a, b in zip(SpanMaskingOutput._fields, on_cpu, on_gpu):
+            assert torch.equal(a, b.cpu()), f"{label}: {name} differs"
+    got = masking.word_starts(ids.cuda(), IS_CONTINUATION.cuda(), mask.int().cuda())
+    assert torch.equal(got.cpu(), masking.word_starts(ids, IS_CONTINUATION, mask.int()))
+
+
+@pytest.mark.gpu
+def test_cuda_reports_a_bad_id_at_its_position_and_uses_the_current_stream(native):
+    ids, mask = make_batch(8, 32, seed=27, min_length=16)
+    ids[5, 9] = VOCAB_SIZE + 3
+    masker = make_masker().to("cuda")
+    with pytest.raises(ValueError, match=r"got 1003 at position \(5, 9\)"):
+        masker(ids.cuda(), mask.cuda())
+    ids[5, 9] = 7
+    expected = make_masker()(ids, mask, offsets=torch.arange(8))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        got = masker(ids.cuda(), mask.cuda(), offsets=torch.arange(8).cuda())
+    stream.synchronize()
+    for name, a, b in zip(SpanMaskingOutput._fields, expected, got):
+        assert torch.equal(a, b.cpu()), f"side stream: {name} differs"
+
+
 @pytest.mark.parametrize("kwargs, text", [
     (dict(mask_token_id=VOCAB_SIZE), "mask_token_id must be in"),
     (dict(special_token_ids=[VOCAB_SIZE]), r"special_token_ids\[0\] must be in"),
