@@ -116,6 +116,8 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     except ValueError as err:
         parser.error(f"argument --ops: {err}")
     baseline = None
+    if args.compare is None and any(a.split("=", 1)[0] == "--max-regression" for a in argv):
+        parser.error("argument --max-regression: only meaningful with --compare BASELINE.json")
     if args.compare is not None:
         if not os.path.isfile(args.compare):
             parser.error(f"argument --compare: no file {args.compare!r}")

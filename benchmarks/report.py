@@ -7,7 +7,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 from .registry import GROUPS
-from .schema import dump_result
+from .schema import check_result, dump_result, write_atomically
 
 __all__ = [
     "format_header",
@@ -269,7 +269,7 @@ def plot_speedup(doc: Dict[str, Any], path: str) -> Optional[str]:
                  f"{device}, {doc['settings']['model']} {doc['settings']['dtype']}, {doc['date']}",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=110)
+    write_atomically(path, lambda handle: fig.savefig(handle, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -304,18 +304,38 @@ def plot_memory(doc: Dict[str, Any], path: str) -> Optional[str]:
     fig.suptitle(f"Peak memory (weights included), {doc['device']['name']}, {doc['date']}",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=110)
+    write_atomically(path, lambda handle: fig.savefig(handle, dpi=110, format="png"))
     plt.close(fig)
     return path
 
 
+# Options that narrow or change what a run measures: such a run must not overwrite the
+# day's default run (e.g. the committed results) under the same name.
+_SELECTION_OPTIONS = ("--model", "--dtype", "--ops", "--seq", "--batch", "--quick",
+                      "--no-quick")
+
+
 def output_stem(doc: Dict[str, Any]) -> str:
-    """``<device-slug>-<YYYY-MM-DD>``: the file name of every output of a run."""
-    return f"{doc['device']['slug']}-{doc['date']}"
+    """``<device-slug>-<YYYY-MM-DD>`` for the default selection; a run narrowed or changed
+    by a selection option gets its settings appended (model, dtype, cases, seq, batch)."""
+    stem = f"{doc['device']['slug']}-{doc['date']}"
+    settings = doc.get("settings", {})
+    argv = [str(a).split("=", 1)[0] for a in settings.get("argv", [])]
+    if not any(a in _SELECTION_OPTIONS for a in argv):
+        return stem
+    cases = settings.get("cases", [])
+    parts = [str(settings.get("model")), str(settings.get("dtype")),
+             "+".join(cases) if len(cases) <= 3 else f"{len(cases)}cases",
+             "s" + "_".join(str(n) for n in settings.get("seq", [])),
+             "b" + "_".join(str(n) for n in settings.get("batch", []))]
+    if settings.get("quick"):
+        parts.append("quick")
+    return stem + "-" + "-".join(parts)
 
 
 def write_outputs(doc: Dict[str, Any], out_dir: str, plots: bool = True) -> Dict[str, Optional[str]]:
     """Write ``<stem>.json``, ``<stem>.md`` and the PNG plots into ``out_dir``."""
+    check_result(doc)  # before any file: an invalid run must not replace a valid one's plots
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, output_stem(doc))
     paths: Dict[str, Optional[str]] = {"json": stem + ".json", "md": stem + ".md",
@@ -324,7 +344,7 @@ def write_outputs(doc: Dict[str, Any], out_dir: str, plots: bool = True) -> Dict
         paths["speedup"] = plot_speedup(doc, stem + "-speedup.png")
         paths["memory"] = plot_memory(doc, stem + "-memory.png")
     dump_result(doc, paths["json"])
-    with open(paths["md"], "w", encoding="utf-8") as handle:
-        handle.write(format_markdown(doc, paths))
+    markdown = format_markdown(doc, paths).encode("utf-8")
+    write_atomically(paths["md"], lambda handle: handle.write(markdown))
     return paths
 

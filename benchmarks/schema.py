@@ -64,9 +64,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from typing import Any, Dict, List
 
-__all__ = ["SCHEMA_VERSION", "row_key", "validate_result", "dump_result", "load_result"]
+__all__ = ["SCHEMA_VERSION", "row_key", "validate_result", "check_result", "dump_result",
+           "load_result", "write_atomically"]
 
 SCHEMA_VERSION = 1
 
@@ -132,11 +135,14 @@ def validate_result(doc: Any) -> List[str]:
     for key in ("type", "name", "slug"):
         if not isinstance(doc["device"].get(key), str):
             problems.append(f"device.{key}: expected str")
-    for key in ("matmul", "matmul_run"):
-        if not isinstance(doc["ceilings"].get(key, {}).get("flops_per_s"), _NUMBER):
-            problems.append(f"ceilings.{key}.flops_per_s: expected a number")
-    if not isinstance(doc["ceilings"].get("copy", {}).get("bytes_per_s"), _NUMBER):
-        problems.append("ceilings.copy.bytes_per_s: expected a number")
+    for key, field in (("matmul", "flops_per_s"), ("matmul_run", "flops_per_s"),
+                       ("copy", "bytes_per_s")):
+        value = doc["ceilings"].get(key, {}).get(field)
+        if not isinstance(value, _NUMBER) or isinstance(value, bool) or not math.isfinite(value) \
+                or value <= 0:
+            problems.append(f"ceilings.{key}.{field}: expected a finite positive number, "
+                            f"got {value!r}")
+    seen_keys: Dict[str, int] = {}
     for i, row in enumerate(doc["rows"]):
         where = f"rows[{i}]"
         if not isinstance(row, dict):
@@ -169,6 +175,21 @@ def validate_result(doc: Any) -> List[str]:
                                                                         "variant")):
             if row["key"] != row_key(row):
                 problems.append(f"{where}.key: {row['key']!r} does not match its fields")
+        if isinstance(row.get("key"), str):
+            # One row per key: the gate looks rows up by key, so a duplicate could hide one.
+            if row["key"] in seen_keys:
+                problems.append(f"{where}.key: {row['key']!r} repeats rows[{seen_keys[row['key']]}]")
+            else:
+                seen_keys[row["key"]] = i
+        if isinstance(row.get("shape"), dict):
+            for name, value in row["shape"].items():
+                if not isinstance(value, (int, bool, str)):
+                    problems.append(f"{where}.shape.{name}: expected int, bool or str, got "
+                                    f"{type(value).__name__}")
+        if row.get("status") == "ok" and row.get("is_reference") is True \
+                and row.get("ratio_to_reference") not in (None, 1.0):
+            problems.append(f"{where}.ratio_to_reference: a reference row's ratio is 1.0, got "
+                            f"{row['ratio_to_reference']}")
     return problems
 
 
@@ -179,16 +200,38 @@ def _complete_rows(doc: Dict[str, Any]) -> None:
             row.setdefault(key, None)
 
 
-def dump_result(doc: Dict[str, Any], path: str) -> None:
-    """Write ``doc`` as strict JSON (no NaN/inf) after checking it against the schema."""
+def check_result(doc: Dict[str, Any]) -> None:
+    """Complete ``doc``'s rows and raise ``ValueError`` listing what breaks the schema."""
     _complete_rows(doc)
     problems = validate_result(doc)
     if problems:
         raise ValueError("benchmark result does not match schema version "
                          f"{SCHEMA_VERSION}:\n  " + "\n  ".join(problems[:20]))
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(doc, handle, indent=1, allow_nan=False)
-        handle.write("\n")
+
+
+def dump_result(doc: Dict[str, Any], path: str) -> None:
+    """Write ``doc`` as strict JSON (no NaN/inf) after checking it against the schema, to a
+    temporary file renamed over ``path``: a failure leaves any previous file intact."""
+    check_result(doc)
+    text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def write_atomically(path: str, write) -> None:
+    """``write(binary_handle)`` into a temporary file beside ``path``, then rename it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def load_result(path: str) -> Dict[str, Any]:

@@ -27,6 +27,7 @@ compare = _sub("compare")
 registry = _sub("registry")
 bench_cli = _sub("cli")
 runner = _sub("runner")
+report = _sub("report")
 
 # Tiny model, one short shape: every row builds in milliseconds.
 TINY = ["--model", "tiny", "--seq", "16", "--batch", "2", "--no-progress", "--device", "cpu"]
@@ -48,6 +49,8 @@ def fake_timer(monkeypatch, no_interpreter):
         return 1e-3
 
     monkeypatch.setattr(timing, "measure", measure)
+    # An idle machine, whatever else the CI machine is doing (the gate refuses busy runs).
+    monkeypatch.setattr(runner, "busy_share_of_others", lambda window_s=0.5: 0.0)
     return calls
 
 
@@ -124,7 +127,9 @@ def test_produced_result_validates(tmp_path, capsys, fake_timer):
     doc = json.load(open(path))
     assert schema.validate_result(doc) == []
     assert doc["schema_version"] == schema.SCHEMA_VERSION
-    assert os.path.basename(path) == f"{doc['device']['slug']}-{doc['date']}.json"
+    # A narrowed run (--model, --ops, ...) does not take the day's default file name.
+    assert os.path.basename(path) == (f"{doc['device']['slug']}-{doc['date']}-tiny-fp32-"
+                                      "layer_norm+bias_gelu-s16-b2-quick.json")
     ok = [r for r in doc["rows"] if r["status"] == "ok"]
     assert {r["case"] for r in ok} == {"layer_norm", "bias_gelu"}
     assert {r["mode"] for r in ok} == {"fwd", "fwd+bwd"}
@@ -196,28 +201,106 @@ def test_compare_passes_and_reports_a_planted_improvement(tmp_path, capsys, fake
     assert "PASS" in out
 
 
-def test_compare_logic_directly():
-    def doc(ratios, slug="cpu-x"):
-        rows = []
-        for key, ratio in ratios.items():
-            variant = "transformers-eager" if key == "peer" else "ours-torch"
-            rows.append({"key": key, "case": key, "mode": "fwd", "shape_label": "b1-s8-full",
-                         "variant": variant, "speed_reference": "sdpa", "status": "ok",
-                         "is_reference": False, "ratio_to_reference": ratio,
-                         "ratio_round_spread": 0.03})
-        return {"rows": rows, "device": {"slug": slug}}
+def _gate_doc(ratios, slug="cpu-x", statuses=None, busy=None):
+    """A minimal result document: one fwd row per key (case = key), b1-s8-full."""
+    rows = []
+    for key, ratio in ratios.items():
+        variant = "transformers-eager" if key == "peer" else "ours-torch"
+        status = (statuses or {}).get(key, "ok")
+        rows.append({"key": key, "case": key, "mode": "fwd", "shape_label": "b1-s8-full",
+                     "variant": variant, "speed_reference": "sdpa", "status": status,
+                     "reason": None if status == "ok" else "CUDA needed",
+                     "is_reference": False,
+                     "ratio_to_reference": ratio if status == "ok" else None,
+                     "ratio_round_spread": 0.03})
+    return {"rows": rows, "device": {"slug": slug},
+            "settings": {"model": "base", "dtype": "fp32"},
+            "cpu_busy_by_others_at_start": busy, "cpu_busy_by_others_at_end": None}
 
-    # "peer" doubles its ratio but is not ours: only ours-* rows are gated
-    result = compare.compare_results(doc({"a": 1.0, "b": 1.0, "c": 1.0, "gone": 1.0, "peer": 1.0}),
-                                     doc({"a": 1.05, "b": 1.2, "c": 0.8, "new": 1.0, "peer": 2.0},
-                                         "cpu-y"),
-                                     0.1)
+
+def test_compare_logic_directly():
+    # "peer" doubles its ratio but is not ours: only ours-* rows are gated; "gone"'s case
+    # was not measured now (listed, not failed); "new" has no baseline (listed).
+    result = compare.compare_results(
+        _gate_doc({"a": 1.0, "b": 1.0, "c": 1.0, "gone": 1.0, "peer": 1.0}),
+        _gate_doc({"a": 1.05, "b": 1.2, "c": 0.8, "new": 1.0, "peer": 2.0}), 0.1)
     assert [c.key for c in result.regressions] == ["b"]
     assert [c.key for c in result.improvements] == ["c"]
     assert [c.key for c in result.unchanged] == ["a"]
     assert result.only_in_baseline == ["gone"] and result.only_in_new == ["new"]
-    assert result.warnings and not result.ok
+    assert not result.lost and not result.errors and not result.ok
     assert "+20.0%, round-to-round noise 3%" in result.format()
+
+
+def test_compare_fails_when_a_gated_row_stops_being_measured():
+    """A baseline row whose case and shape ran again but which is skipped now (a kernel
+    that stopped registering, an out-of-memory) used to be listed and pass."""
+    result = compare.compare_results(_gate_doc({"a": 1.0, "b": 0.5}),
+                                     _gate_doc({"a": 1.0, "b": None}, statuses={"b": "skipped"}),
+                                     0.1)
+    assert not result.ok and result.lost and result.lost[0].startswith("b ")
+    assert "skipped: CUDA needed" in result.lost[0] and "LOST" in result.format()
+
+
+@pytest.mark.parametrize("change, text", [
+    (dict(slug="cpu-other-4t"), "the baseline's device is cpu-x, this run's is cpu-other-4t"),
+    (dict(busy=0.6), "this run was measured while other processes kept 60% of the CPUs busy"),
+])
+def test_compare_refuses_runs_that_are_not_comparable(change, text):
+    """A baseline from another machine, or a run on a loaded machine (whose ratios flatten
+    toward 1.0: a 4x slower op once showed as a 95% improvement), was gated anyway."""
+    result = compare.compare_results(_gate_doc({"a": 1.0}), _gate_doc({"a": 4.0}, **change), 0.1)
+    assert not result.ok and not result.regressions
+    assert any(text in e for e in result.errors), result.errors
+    other_model = _gate_doc({"a": 1.0})
+    other_model["settings"]["model"] = "tiny"
+    assert any("model is base, this run's is tiny" in e
+               for e in compare.compare_results(_gate_doc({"a": 1.0}), other_model, 0.1).errors)
+
+
+def test_compare_fails_when_nothing_was_compared():
+    result = compare.compare_results(_gate_doc({"a": 1.0}), _gate_doc({"z": 1.0}), 0.1)
+    assert not result.ok and "the gate would compare nothing" in result.format()
+
+
+def test_schema_refuses_duplicate_keys_and_bad_reference_ratios(tmp_path, capsys, fake_timer):
+    path, _ = _mocked_result(tmp_path, capsys)
+    doc = json.load(open(path))
+    doc["rows"].append(dict(doc["rows"][0]))
+    assert any("repeats rows[0]" in p for p in schema.validate_result(doc))
+    doc = json.load(open(path))
+    reference = next(r for r in doc["rows"] if r["is_reference"] and r["status"] == "ok")
+    reference["ratio_to_reference"] = 7.0
+    assert any("a reference row's ratio is 1.0" in p for p in schema.validate_result(doc))
+    doc = json.load(open(path))
+    doc["ceilings"]["copy"]["bytes_per_s"] = -1
+    assert any("ceilings.copy.bytes_per_s" in p for p in schema.validate_result(doc))
+
+
+def test_an_invalid_result_leaves_the_previous_files_intact(tmp_path, capsys, fake_timer):
+    path, _ = _mocked_result(tmp_path, capsys)
+    before = open(path, "rb").read()
+    doc = json.load(open(path))
+    doc["rows"].append(dict(doc["rows"][0]))  # duplicate key: invalid
+    with pytest.raises(ValueError, match="repeats"):
+        report.write_outputs(doc, str(tmp_path), plots=False)
+    assert open(path, "rb").read() == before
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_default_selection_keeps_the_plain_file_name():
+    doc = {"device": {"slug": "cpu-x"}, "date": "2026-11-23",
+           "settings": {"argv": ["--out", "o", "--compare", "b.json"], "model": "base",
+                        "dtype": "fp32", "cases": ["encoder"], "seq": [128], "batch": [2]}}
+    assert report.output_stem(doc) == "cpu-x-2026-11-23"
+    doc["settings"]["argv"] = ["--seq", "128"]
+    assert report.output_stem(doc) == "cpu-x-2026-11-23-base-fp32-encoder-s128-b2"
+
+
+def test_max_regression_without_compare_is_refused(capsys, no_interpreter):
+    with pytest.raises(SystemExit):
+        bench_cli.main(["--max-regression", "10%", "--device", "cpu"])
+    assert "only meaningful with --compare" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, value", [("10%", 0.1), ("0.1", 0.1), (0.25, 0.25), ("2.5 %", 0.025)])
@@ -357,3 +440,18 @@ def test_real_quick_cpu_run_writes_json_md_png(tmp_path, capsys, no_interpreter)
     png = next(tmp_path.glob("*-speedup.png"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "bias_gelu" in out and "wrote" in out
+
+
+def test_committed_baselines_and_results_are_valid_and_were_taken_idle():
+    """What we ship must load under the current schema and pass the gate's own checks (an
+    idle machine); a baseline against itself compares every gated row and passes."""
+    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+    paths = [os.path.join(root, "baselines", f) for f in os.listdir(os.path.join(root, "baselines"))
+             if f.endswith(".json")]
+    paths += [os.path.join(root, "results", f) for f in os.listdir(os.path.join(root, "results"))
+              if f.endswith(".json")]
+    assert paths
+    for path in paths:
+        doc = schema.load_result(path)
+        result = compare.compare_results(doc, doc, 0.1)
+        assert result.ok and result.compared > 0 and not result.lost, (path, result.format())
