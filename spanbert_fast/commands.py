@@ -78,7 +78,9 @@ def _add_pretrain(subparsers) -> None:
     vocab.add_argument("--vocab", metavar="PATH",
                        help="BERT vocab.txt (or tokenizer.json, or a directory with either)")
     vocab.add_argument("--train-tokenizer", type=int, metavar="N",
-                       help="train a WordPiece vocabulary of at most N tokens on the corpus")
+                       help="train a WordPiece vocabulary of at most N tokens on the corpus "
+                            "(not seeded: the trainer breaks frequency ties differently from "
+                            "run to run; save it once and pass --vocab for repeatable runs)")
     data.add_argument("--lowercase", action="store_true",
                       help="lowercase and strip accents (uncased BERT); SpanBERT is cased")
     data.add_argument("--seq-len", type=int, metavar="N",
