@@ -1,7 +1,8 @@
 """Command line of the suite: ``python -m benchmarks`` and ``spanbert-fast bench``.
 
 Exit status: 0 done (and no regression); 1 the regression gate failed; 2 bad arguments or
-a refused environment (TRITON_INTERPRET=1, a device this machine lacks); 3 some rows
+a refused environment (TRITON_INTERPRET=1, a device this machine lacks, a --compare
+baseline of another device, model size or dtype: refused before any timing); 3 some rows
 raised (the outputs are still written).
 """
 
@@ -12,12 +13,13 @@ import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-from .compare import compare_results, parse_max_regression
+from .compare import compare_results, incomparable_settings, parse_max_regression
 from .registry import CASES, GROUPS, select_cases
 from .report import format_table, write_outputs
 from .runner import run_suite
 from .schema import load_result
 from .settings import (DEFAULT_SHAPES, DTYPES, MODELS, InterpreterRefused, SuiteSettings,
+                       describe_device,
                        default_quick, refuse_triton_interpreter, resolve_device)
 
 __all__ = ["build_parser", "settings_from_args", "main"]
@@ -152,6 +154,15 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         print(f"{parser.prog}: CPU run ({'quick' if settings.quick else 'full'}), torch backend "
               "only; Triton rows need a CUDA device.", file=sys.stderr)
 
+    if baseline is not None:
+        # Refuse a baseline that cannot be compared before minutes of timing, not after.
+        errors = incomparable_settings(baseline, {
+            "device": describe_device(settings.device),
+            "settings": {"model": settings.model, "dtype": settings.dtype}})
+        if errors:
+            for error in errors:
+                print(f"{parser.prog}: error: --compare: {error}", file=sys.stderr)
+            return 2
     doc = run_suite(settings)
     for note in doc["notes"]:
         if note.startswith("WARNING"):

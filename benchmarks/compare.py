@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from .runner import BUSY_LIMIT
 
 __all__ = ["GATED_VARIANT_PREFIX", "RowChange", "Comparison", "compare_results",
-           "parse_max_regression"]
+           "incomparable_settings", "parse_max_regression"]
 
 
 def parse_max_regression(text: Any) -> float:
@@ -135,7 +135,9 @@ def _comparable(doc: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
             and str(row.get("variant", "")).startswith(GATED_VARIANT_PREFIX)}
 
 
-def _settings_errors(baseline: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+def incomparable_settings(baseline: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """Why ``new`` (a result, or just its ``device`` and ``settings``) cannot be gated on
+    ``baseline``: another device, model size or dtype. Empty when comparable."""
     errors = []
     fields: List[Tuple[str, Any, Any]] = [
         ("device", baseline.get("device", {}).get("slug"), new.get("device", {}).get("slug")),
@@ -148,6 +150,11 @@ def _settings_errors(baseline: Dict[str, Any], new: Dict[str, Any]) -> List[str]
                           f"compared on the same {what} only. Measure a baseline on this "
                           f"machine with these settings (spanbert-fast bench --out DIR) and "
                           f"commit its JSON")
+    return errors
+
+
+def _busy_errors(baseline: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    errors = []
     for label, doc in (("the baseline", baseline), ("this run", new)):
         shares = [doc.get(k) for k in ("cpu_busy_by_others_at_start",
                                        "cpu_busy_by_others_at_end")]
@@ -169,7 +176,7 @@ def compare_results(baseline: Dict[str, Any], new: Dict[str, Any],
                     max_regression: float) -> Comparison:
     """Compare ``new``'s row ratios with ``baseline``'s (both result documents)."""
     result = Comparison(max_regression=max_regression)
-    result.errors = _settings_errors(baseline, new)
+    result.errors = incomparable_settings(baseline, new) + _busy_errors(baseline, new)
     if result.errors:
         return result
     old_rows, new_rows = _comparable(baseline), _comparable(new)

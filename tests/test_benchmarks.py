@@ -455,3 +455,11 @@ def test_committed_baselines_and_results_are_valid_and_were_taken_idle():
         doc = schema.load_result(path)
         result = compare.compare_results(doc, doc, 0.1)
         assert result.ok and result.compared > 0 and not result.lost, (path, result.format())
+
+
+def test_an_incomparable_baseline_is_refused_before_any_timing(capsys, fake_timer):
+    baseline = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "baselines",
+                            "cpu.json")  # model base
+    code, _, err = _run_main(TINY + ["--ops", "layer_norm", "--compare", baseline], capsys)
+    assert code == 2 and "model is base, this run's is tiny" in err
+    assert fake_timer == [], "nothing may be timed for a run that cannot be gated"
