@@ -1,7 +1,10 @@
-"""Pieces every kernel file shares: exact (erf) GELU, accumulator dtypes, and the
-NaN-poisonable buffer allocation that the tests use to catch unwritten elements."""
+"""Pieces every kernel file shares: exact (erf) GELU, accumulator dtypes, the launchers'
+argument checks, and the NaN-poisonable buffer allocation that the tests use to catch
+unwritten elements."""
 
 from __future__ import annotations
+
+from typing import List, Optional, Sequence
 
 import torch
 import triton
@@ -42,3 +45,36 @@ def empty_buffer(shape, dtype: torch.dtype, device: torch.device, poison: bool) 
     if poison:
         buffer.fill_(float("nan"))
     return buffer
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensor(name: str, t, ndim: Optional[int] = None) -> None:
+    """``t`` is a fp16/bf16/fp32/fp64 tensor (of ``ndim`` dimensions when given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_grad_output(grad_output, like: torch.Tensor, like_name: str) -> None:
+    """A backward's ``grad_output``: a float tensor of ``like``'s shape, on its device."""
+    check_float_tensor("grad_output", grad_output)
+    if grad_output.shape != like.shape:
+        raise ValueError(f"grad_output must have {like_name}'s shape {tuple(like.shape)}, "
+                         f"got {tuple(grad_output.shape)}")
+    if grad_output.device != like.device:
+        raise ValueError(f"grad_output must be on {like_name}'s device {like.device}, "
+                         f"got {grad_output.device}")
+
+
+def needs_flags(needs_input_grad, names: Sequence[str]) -> List[bool]:
+    """A backward's ``needs_input_grad``: one bool per name, as a list of bools."""
+    needs = list(needs_input_grad) if isinstance(needs_input_grad, (list, tuple)) else None
+    if needs is None or len(needs) != len(names):
+        raise ValueError(f"needs_input_grad must be a list of {len(names)} bools "
+                         f"({', '.join(names)}), got {needs_input_grad!r}")
+    return [bool(n) for n in needs]

@@ -62,12 +62,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator_dtype, empty_buffer
+from ._common import accumulator_dtype, check_float_tensor, empty_buffer, needs_flags
 
 __all__ = ["linear_cross_entropy_forward", "forward", "backward", "DEFAULT_CHUNK_BYTES"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Logits budget per chunk. 256 MiB holds every SpanBERT MLM batch up to ~4.6K masked rows
 # (bf16, 28996 words) in a single chunk, so chunking costs nothing at usual sizes while a
@@ -156,15 +155,10 @@ def _cross_entropy_rows_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------
 def _check_inputs(hidden, weight, bias, labels, ignore_index, chunk_bytes) -> None:
-    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, "
-                            f"got {t.dtype}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    check_float_tensor("hidden", hidden, ndim=2)
+    check_float_tensor("weight", weight, ndim=2)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if weight.dtype != hidden.dtype and not _autocast_layout(hidden.dtype, weight.dtype):
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype} (one GEMM dtype), "
                         f"or be float32 with float16/bfloat16 hidden (autocast's fp32 "
@@ -176,11 +170,7 @@ def _check_inputs(hidden, weight, bias, labels, ignore_index, chunk_bytes) -> No
         raise ValueError(f"weight must have at least one row (vocab >= 1), "
                          f"got shape {tuple(weight.shape)}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"bias must be float16, bfloat16, float32 or float64, "
-                            f"got {bias.dtype}")
+        check_float_tensor("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), "
                              f"got {tuple(bias.shape)}")
@@ -386,11 +376,8 @@ def backward(grad_output: torch.Tensor, hidden: torch.Tensor, weight: torch.Tens
     if not isinstance(grad_output, torch.Tensor) or grad_output.numel() != 1:
         raise ValueError("grad_output must be a 1-element tensor (the loss is a scalar), got "
                          f"{getattr(grad_output, 'shape', type(grad_output).__name__)}")
-    needs = list(needs_input_grad) if isinstance(needs_input_grad, (list, tuple)) else None
-    if needs is None or len(needs) != 4:
-        raise ValueError("needs_input_grad must be a list of 4 bools (hidden, weight, bias, "
-                         f"labels), got {needs_input_grad!r}")
-    need_hidden, need_weight, need_bias = (bool(n) for n in needs[:3])
+    need_hidden, need_weight, need_bias, _ = needs_flags(
+        needs_input_grad, ("hidden", "weight", "bias", "labels"))
     with torch.no_grad():
         _, grad_hidden, grad_weight, grad_bias = _linear_cross_entropy(
             hidden, weight, bias, labels, ignore_index, need_hidden, need_weight,

@@ -42,12 +42,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty_buffer, gelu_erf, gelu_erf_derivative, tl_accumulator_dtype
+from ._common import (check_float_tensor, check_grad_output, empty_buffer, gelu_erf,
+                      gelu_erf_derivative, needs_flags, tl_accumulator_dtype)
 
 __all__ = ["forward", "backward", "forward_with_dropout", "backward_with_dropout"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # Testing hook: when True, every buffer the launchers allocate (outputs and dbias partials)
@@ -193,17 +193,10 @@ def _row_programs(n_rows: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
-def _check_float_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-
-
 def _check_inputs(x, bias) -> int:
     """Validate ``x`` and ``bias``; returns the feature count."""
-    _check_float_tensor("x", x)
-    _check_float_tensor("bias", bias)
+    check_float_tensor("x", x)
+    check_float_tensor("bias", bias)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., features), got a scalar")
     features = x.shape[-1]
@@ -256,18 +249,8 @@ def _forward(x: torch.Tensor, bias: torch.Tensor, dropout_p: float, seed: int) -
 
 
 def _check_backward(grad_output, x, needs_input_grad) -> List[bool]:
-    _check_float_tensor("grad_output", grad_output)
-    if grad_output.shape != x.shape:
-        raise ValueError(f"grad_output must have x's shape {tuple(x.shape)}, "
-                         f"got {tuple(grad_output.shape)}")
-    if grad_output.device != x.device:
-        raise ValueError(f"grad_output must be on x's device {x.device}, "
-                         f"got {grad_output.device}")
-    needs = list(needs_input_grad) if isinstance(needs_input_grad, (list, tuple)) else None
-    if needs is None or len(needs) != 2:
-        raise ValueError("needs_input_grad must be a list of 2 bools (x, bias), "
-                         f"got {needs_input_grad!r}")
-    return [bool(n) for n in needs]
+    check_grad_output(grad_output, x, "x")
+    return needs_flags(needs_input_grad, ("x", "bias"))
 
 
 def _backward(grad_output: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,

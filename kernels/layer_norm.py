@@ -33,11 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty_buffer, tl_accumulator_dtype
+from ._common import (check_float_tensor, check_grad_output, empty_buffer, needs_flags,
+                      tl_accumulator_dtype)
 
 __all__ = ["forward", "backward", "MAX_FUSED_BYTES"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # A row lives in registers in the accumulator dtype; past 64 KB per row (16384 elements,
 # 8192 for fp64) the register file spills and a looped kernel would be needed. SpanBERT
@@ -180,27 +180,20 @@ def _layer_norm_backward_kernel(
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
-def _check_float_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-
-
 def _check_inputs(x, weight, bias, eps, residual) -> int:
     """Validate the forward's arguments; returns the hidden size."""
-    _check_float_tensor("x", x)
+    check_float_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., hidden), got a scalar")
     hidden = x.shape[-1]
     if hidden < 1:
         raise ValueError(f"x's last dimension (hidden) must be >= 1, got shape {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
-        _check_float_tensor(name, t)
+        check_float_tensor(name, t)
         if tuple(t.shape) != (hidden,):
             raise ValueError(f"{name} must have shape ({hidden},), got {tuple(t.shape)}")
     if residual is not None:
-        _check_float_tensor("residual", residual)
+        check_float_tensor("residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, "
                              f"got {tuple(residual.shape)}")
@@ -264,18 +257,9 @@ def backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     values in separate tensors (a custom op may not return aliases).
     """
     hidden = _check_inputs(x, weight, bias, eps, residual)
-    _check_float_tensor("grad_output", grad_output)
-    if grad_output.shape != x.shape:
-        raise ValueError(f"grad_output must have x's shape {tuple(x.shape)}, "
-                         f"got {tuple(grad_output.shape)}")
-    if grad_output.device != x.device:
-        raise ValueError(f"grad_output must be on x's device {x.device}, "
-                         f"got {grad_output.device}")
-    needs = list(needs_input_grad) if isinstance(needs_input_grad, (list, tuple)) else None
-    if needs is None or len(needs) != 4:
-        raise ValueError("needs_input_grad must be a list of 4 bools (x, weight, bias, "
-                         f"residual), got {needs_input_grad!r}")
-    need_dx, need_dweight, need_dbias, need_dresidual = (bool(n) for n in needs)
+    check_grad_output(grad_output, x, "x")
+    need_dx, need_dweight, need_dbias, need_dresidual = needs_flags(
+        needs_input_grad, ("x", "weight", "bias", "residual"))
     need_dresidual = need_dresidual and residual is not None
 
     x2 = _rows(x, hidden)

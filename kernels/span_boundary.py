@@ -63,7 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator_dtype, empty_buffer, gelu_erf, gelu_erf_derivative, tl_accumulator_dtype
+from ._common import (accumulator_dtype, check_float_tensor, empty_buffer, gelu_erf,
+                      gelu_erf_derivative, needs_flags, tl_accumulator_dtype)
 
 __all__ = [
     "forward",
@@ -74,7 +75,6 @@ __all__ = [
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # The op's tensor arguments in order: backward returns one gradient per name.
 TENSOR_ARGUMENTS = ("hidden", "left_index", "right_index", "rel_pos", "position_table",
@@ -233,18 +233,9 @@ def _bias_gelu_layer_norm_backward_kernel(
 # --------------------------------------------------------------------------------------
 # Epilogue launchers
 # --------------------------------------------------------------------------------------
-def _check_float_tensor(name: str, t, ndim: Optional[int] = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
 def _check_epilogue_inputs(z, bias, ln_weight, eps, table, table_index) -> int:
     """Validate the epilogue's arguments; returns the width."""
-    _check_float_tensor("z", z, ndim=2)
+    check_float_tensor("z", z, ndim=2)
     width = z.shape[1]
     if width < 1:
         raise ValueError(f"z must have at least one column, got shape {tuple(z.shape)}")
@@ -252,7 +243,7 @@ def _check_epilogue_inputs(z, bias, ln_weight, eps, table, table_index) -> int:
         raise ValueError(f"z's width {width} is too large for the fused epilogue (a row must "
                          f"fit {_MAX_BLOCK_N} elements of registers)")
     for name, t in (("bias", bias), ("ln_weight", ln_weight)):
-        _check_float_tensor(name, t)
+        check_float_tensor(name, t)
         if tuple(t.shape) != (width,):
             raise ValueError(f"{name} must have shape ({width},), got {tuple(t.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not float(eps) > 0.0:
@@ -260,7 +251,7 @@ def _check_epilogue_inputs(z, bias, ln_weight, eps, table, table_index) -> int:
     if (table is None) != (table_index is None):
         raise ValueError("table and table_index must be given together")
     if table is not None:
-        _check_float_tensor("table", table, ndim=2)
+        check_float_tensor("table", table, ndim=2)
         if table.shape[1] != width or table.dtype != z.dtype:
             raise ValueError(f"table must be (P, {width}) {z.dtype}, got "
                              f"{tuple(table.shape)} {table.dtype}")
@@ -291,7 +282,7 @@ def bias_gelu_layer_norm_forward(
     float dtype. Returns ``(rows, width)`` in z's dtype; math in fp32 (fp64 for fp64).
     """
     width = _check_epilogue_inputs(z, bias, ln_weight, eps, table, table_index)
-    _check_float_tensor("ln_bias", ln_bias)
+    check_float_tensor("ln_bias", ln_bias)
     if tuple(ln_bias.shape) != (width,):
         raise ValueError(f"ln_bias must have shape ({width},), got {tuple(ln_bias.shape)}")
     z = _unit_column_stride(z)
@@ -328,7 +319,7 @@ def bias_gelu_layer_norm_backward(
     for fp64) and returned in the dtypes of bias, ln_weight and ln_weight.
     """
     width = _check_epilogue_inputs(z, bias, ln_weight, eps, table, table_index)
-    _check_float_tensor("grad_output", grad_output, ndim=2)
+    check_float_tensor("grad_output", grad_output, ndim=2)
     if grad_output.shape != z.shape:
         raise ValueError(f"grad_output must have z's shape {tuple(z.shape)}, "
                          f"got {tuple(grad_output.shape)}")
@@ -379,7 +370,7 @@ def bias_gelu_layer_norm_backward(
 def _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table, w1, b1,
                        ln1_weight, ln1_bias, w2, b2, ln2_weight, ln2_bias, eps) -> None:
     """Shapes, dtypes, devices and index ranges (one host sync for the three ranges)."""
-    _check_float_tensor("hidden", hidden, ndim=2)
+    check_float_tensor("hidden", hidden, ndim=2)
     tokens, width = hidden.shape
     for name, t in (("left_index", left_index), ("right_index", right_index),
                     ("rel_pos", rel_pos)):
@@ -393,13 +384,13 @@ def _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table,
         if t.shape[0] != n:
             raise ValueError(f"{name} must have shape ({n},) like left_index, "
                              f"got {tuple(t.shape)}")
-    _check_float_tensor("position_table", position_table, ndim=2)
+    check_float_tensor("position_table", position_table, ndim=2)
     rows, pos_width = position_table.shape
-    _check_float_tensor("w1", w1, ndim=2)
+    check_float_tensor("w1", w1, ndim=2)
     if tuple(w1.shape) != (width, 2 * width + pos_width):
         raise ValueError(f"w1 must have shape ({width}, {2 * width + pos_width}) = (H, 2H + E), "
                          f"got {tuple(w1.shape)}")
-    _check_float_tensor("w2", w2, ndim=2)
+    check_float_tensor("w2", w2, ndim=2)
     if tuple(w2.shape) != (width, width):
         raise ValueError(f"w2 must have shape ({width}, {width}), got {tuple(w2.shape)}")
     for name, t in (("position_table", position_table), ("w1", w1), ("w2", w2)):
@@ -409,7 +400,7 @@ def _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table,
                             f"(autocast's fp32 parameters), got {t.dtype}")
     for name, t in (("b1", b1), ("ln1_weight", ln1_weight), ("ln1_bias", ln1_bias),
                     ("b2", b2), ("ln2_weight", ln2_weight), ("ln2_bias", ln2_bias)):
-        _check_float_tensor(name, t)
+        check_float_tensor(name, t)
         if tuple(t.shape) != (width,):
             raise ValueError(f"{name} must have shape ({width},), got {tuple(t.shape)}")
     if triton.next_power_of_2(max(width, 1)) > _MAX_BLOCK_N:
@@ -507,15 +498,11 @@ def backward(grad_output: torch.Tensor, hidden: torch.Tensor, left_index: torch.
     _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table, w1, b1,
                        ln1_weight, ln1_bias, w2, b2, ln2_weight, ln2_bias, eps)
     n, width = left_index.shape[0], hidden.shape[1]
-    _check_float_tensor("grad_output", grad_output, ndim=2)
+    check_float_tensor("grad_output", grad_output, ndim=2)
     if tuple(grad_output.shape) != (n, width):
         raise ValueError(f"grad_output must have shape ({n}, {width}), "
                          f"got {tuple(grad_output.shape)}")
-    needs = list(needs_input_grad) if isinstance(needs_input_grad, (list, tuple)) else None
-    if needs is None or len(needs) != len(TENSOR_ARGUMENTS):
-        raise ValueError(f"needs_input_grad must be a list of {len(TENSOR_ARGUMENTS)} bools "
-                         f"{TENSOR_ARGUMENTS}, got {needs_input_grad!r}")
-    need = dict(zip(TENSOR_ARGUMENTS, (bool(x) for x in needs)))
+    need = dict(zip(TENSOR_ARGUMENTS, needs_flags(needs_input_grad, TENSOR_ARGUMENTS)))
     for name in ("left_index", "right_index", "rel_pos"):
         need[name] = False
     with torch.no_grad():
