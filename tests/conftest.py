@@ -26,6 +26,17 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _ops._probe_triton()
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """One intra-op thread for a module of tiny-model runs: they gain nothing from two, and
+    on a busy 2-core machine two spinning OpenMP threads made the QA overfit test 4x slower
+    (46 s vs 12 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

@@ -27,14 +27,8 @@ LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny model gains nothing from two, and on a busy 2-core
-    machine two spinning OpenMP threads made the QA overfit test 4x slower (46 s vs 12 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for this module's tiny models (tests/conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _free_port() -> int:

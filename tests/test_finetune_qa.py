@@ -24,14 +24,8 @@ SQUAD = os.path.join(DATA, "squad_tiny.json")
 SQUAD_V2 = os.path.join(DATA, "squad_tiny_v2.json")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny model gains nothing from two, and on a busy 2-core
-    machine two spinning OpenMP threads made the QA overfit test 4x slower (46 s vs 12 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for this module's tiny models (tests/conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # ---------------------------------------------------------------------------- metrics
