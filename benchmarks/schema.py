@@ -64,9 +64,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from typing import Any, Dict, List
+
+from spanbert_fast.checkpoint import _atomic_write
 
 __all__ = ["SCHEMA_VERSION", "row_key", "validate_result", "check_result", "dump_result",
            "load_result", "write_atomically"]
@@ -218,20 +218,14 @@ def dump_result(doc: Dict[str, Any], path: str) -> None:
 
 
 def write_atomically(path: str, write) -> None:
-    """``write(binary_handle)`` into a temporary file beside ``path``, then rename it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    """``write(binary_handle)`` into a temporary file beside ``path``, then rename it over
+    ``path`` (the package's checkpoint writer: fsync'd, the temporary file removed on any
+    failure)."""
+    def write_file(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
             write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    _atomic_write(path, write_file)
 
 
 def load_result(path: str) -> Dict[str, Any]:
