@@ -135,11 +135,19 @@ def _describe_problems(missing: Sequence[str], unexpected: Sequence[str],
 # ---------------------------------------------------------------------------------------
 # Reading files
 # ---------------------------------------------------------------------------------------
-def _find_weights_file(directory: str) -> str:
-    for name in WEIGHT_NAMES:
+def _first_file(directory: str, names) -> Optional[str]:
+    """The first of ``names`` that is a file in ``directory``, or None."""
+    for name in names:
         candidate = os.path.join(directory, name)
         if os.path.isfile(candidate):
             return candidate
+    return None
+
+
+def _find_weights_file(directory: str) -> str:
+    found = _first_file(directory, WEIGHT_NAMES)
+    if found is not None:
+        return found
     raise FileNotFoundError(
         f"no weights in checkpoint directory {directory!r}: looked for "
         f"{', '.join(WEIGHT_NAMES)}")
@@ -252,10 +260,9 @@ def _config_file(path: str) -> str:
     directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
-    for name in CONFIG_NAMES:
-        candidate = os.path.join(directory, name)
-        if os.path.isfile(candidate):
-            return candidate
+    found = _first_file(directory, CONFIG_NAMES)
+    if found is not None:
+        return found
     raise FileNotFoundError(
         f"no config in {directory!r}: looked for {', '.join(CONFIG_NAMES)}; pass config= "
         f"(a SpanBertConfig) to load weights without one")
