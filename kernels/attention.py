@@ -370,13 +370,6 @@ def _kernel_view(x: torch.Tensor, varlen: bool, rows: int) -> torch.Tensor:
     return x if _indexable(x, varlen, rows) else x.contiguous()
 
 
-def _rows_per_sequence(q: torch.Tensor, cu_seqlens, max_seqlen) -> Tuple[bool, int]:
-    """(varlen, the most rows one sequence has)."""
-    if cu_seqlens is not None:
-        return True, int(max_seqlen)
-    return False, q.shape[2]
-
-
 def _check_inputs(q, k, v, key_lengths, cu_seqlens) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -436,10 +429,9 @@ def attention_forward(
     Returns ``(out, lse)`` with ``lse`` ``(B, H, max_seqlen)`` fp32 in base 2.
     """
     _check_inputs(q, k, v, key_lengths, cu_seqlens)
-    varlen, rows = _rows_per_sequence(q, cu_seqlens, max_seqlen)
-    q, k, v = (_kernel_view(t, varlen, rows) for t in (q, k, v))
-    key_lengths, cu_seqlens = _contiguous_int32(key_lengths), _contiguous_int32(cu_seqlens)
     batch, heads, seqlen, varlen = _layout(q, cu_seqlens, max_seqlen)
+    q, k, v = (_kernel_view(t, varlen, seqlen) for t in (q, k, v))
+    key_lengths, cu_seqlens = _contiguous_int32(key_lengths), _contiguous_int32(cu_seqlens)
     head_dim = q.shape[-1]
     target = None  # a caller's out the kernels cannot address: written through a copy
     if out is None:
@@ -447,7 +439,7 @@ def attention_forward(
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must have q's shape {tuple(q.shape)} and dtype {q.dtype} with a "
                          f"unit last stride, got {tuple(out.shape)} {out.dtype}")
-    elif not _indexable(out, varlen, rows):
+    elif not _indexable(out, varlen, seqlen):
         target, out = out, torch.empty_like(q, memory_format=torch.contiguous_format)
     # Zeroed, not empty: in the packed layout rows past a sequence's end are never written,
     # and a returned tensor must not carry uninitialised memory (it is batch*heads*seq floats).
@@ -487,13 +479,12 @@ def attention_backward(
     ``grads_out``: optional preallocated contiguous ``(dq, dk, dv)`` buffers.
     """
     _check_inputs(q, k, v, key_lengths, cu_seqlens)
-    varlen, rows = _rows_per_sequence(q, cu_seqlens, max_seqlen)
-    q, k, v, out, dout = (_kernel_view(t, varlen, rows) for t in (q, k, v, out, dout))
+    batch, heads, seqlen, varlen = _layout(q, cu_seqlens, max_seqlen)
+    q, k, v, out, dout = (_kernel_view(t, varlen, seqlen) for t in (q, k, v, out, dout))
     key_lengths, cu_seqlens = _contiguous_int32(key_lengths), _contiguous_int32(cu_seqlens)
     # The kernels index lse (and delta, allocated like it) as LSE + batch_head * stride(1) +
     # row: contiguous (B, H, S) only. A copy is B * H * S floats.
     lse = lse.contiguous()
-    batch, heads, seqlen, varlen = _layout(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
     if grads_out is not None:
         dq, dk, dv = grads_out
