@@ -546,10 +546,14 @@ def _validate_sbo_targets(sbo_targets, batch: int, seq: int, config: SpanBertCon
                          "strictly between its boundaries)")
     if valid is not None:
         # Boundaries and target must be real tokens wherever the padding is (left, right or
-        # gaps): a boundary on padding would read a zero hidden state.
-        for column, name, position in ((1, "left", left), (2, "right", right),
-                                       (None, "left + 1 + rel_pos", target_pos)):
-            on_padding = ~valid[row, position]
+        # gaps): a boundary on padding would read a zero hidden state. One sync on the
+        # training step's path; the columns are told apart only once one failed.
+        checks = ((1, "left", left), (2, "right", right), (None, "left + 1 + rel_pos", target_pos))
+        real = valid[row.unsqueeze(0), torch.stack([position for _, _, position in checks])]
+        if bool(real.all()):
+            return
+        for (column, name, position), real_here in zip(checks, real):
+            on_padding = ~real_here
             if bool(on_padding.any()):
                 k = int(on_padding.nonzero()[0, 0])
                 where = f"sbo_targets[:, {column}] ({name})" if column else f"the target ({name})"
