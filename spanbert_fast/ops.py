@@ -2,9 +2,10 @@
 
 Backends
 --------
-``torch``  the pure-PyTorch functions of :mod:`spanbert_fast.reference`; runs anywhere,
-           differentiates through plain autograd, and ``torch.compile`` traces straight
-           through it.
+``torch``  plain PyTorch; runs anywhere, differentiates through plain autograd, and
+           ``torch.compile`` traces straight through it. Attention is
+           :mod:`spanbert_fast.torch_backend` (SDPA, padded and packed); the other ops are
+           the single fused torch calls of :mod:`spanbert_fast.reference`, the oracle.
 ``triton`` fused kernels from :mod:`spanbert_fast.kernels`, reached through the
            ``torch.library`` custom ops registered below so that ``torch.compile`` sees one
            opaque node (no graph break) with a fake (meta) implementation.
@@ -31,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import reference
+from . import reference, torch_backend
 
 __all__ = [
     "BACKENDS",
@@ -699,7 +700,9 @@ def _run_attention(backend: str, args: tuple) -> torch.Tensor:
                    "then zeros), which the Triton kernel needs; running the torch reference")
         chosen = "torch"
     if chosen == "torch":
-        return reference.attention(*args)
+        # The fast torch backend (SDPA), not the oracle: reference.attention is what
+        # tests compare both backends against.
+        return torch_backend.attention(*args)
     # The dropout seed is drawn from torch's CPU generator: torch.manual_seed makes it
     # reproducible, and the backward replays the same mask from it.
     seed = (torch.randint(0, 2**31 - 1, (1,)) if dropout_p > 0.0
