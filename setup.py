@@ -169,6 +169,8 @@ setup(
     package_dir={"spanbert_fast": "spanbert_fast", "spanbert_fast.kernels": "kernels",
                  "spanbert_fast.benchmarks": "benchmarks",
                  "spanbert_fast.benchmarks.cases": "benchmarks/cases"},
+    # The real-length cases' WordPiece vocabulary (benchmarks/cases/real_text.py).
+    package_data={"spanbert_fast.benchmarks": ["data/*.txt"]},
     entry_points={"console_scripts": ["spanbert-fast = spanbert_fast.cli:main"]},
     install_requires=[
         "torch>=2.6",

@@ -463,3 +463,61 @@ def test_an_incomparable_baseline_is_refused_before_any_timing(capsys, fake_time
     code, _, err = _run_main(TINY + ["--ops", "layer_norm", "--compare", baseline], capsys)
     assert code == 2 and "model is base, this run's is tiny" in err
     assert fake_timer == [], "nothing may be timed for a run that cannot be gated"
+
+
+# --------------------------------------------------------------------------------------
+# Real-length cases: real English text, WordPiece, packed and padded layouts
+# --------------------------------------------------------------------------------------
+real_text = _sub("cases.real_text")
+
+
+def test_real_text_has_the_documented_length_distribution():
+    """The numbers real_text's docstring states, so a change of text or vocabulary that
+    moves them fails here instead of silently changing what the rows measure."""
+    assert real_text.unavailable_reason() is None
+    assert len(real_text.paragraphs()) > 700 and len(real_text.sentences()) > 1500
+    lengths = [len(ids) + 2 for ids in real_text.tokenizer().encode_batch(real_text.sentences())]
+    assert 27 < sum(lengths) / len(lengths) < 31
+    shares = {}
+    for batch in (16, 64):
+        gen = torch.Generator().manual_seed(0)
+        draws = [real_text.sentence_batch(batch, gen)[1] for _ in range(20)]
+        shares[batch] = sum(float(m.float().mean()) for m in draws) / len(draws)
+        for mask in draws:  # right padding to the longest row, every row starts with a token
+            assert mask.shape[0] == batch and bool(mask[:, 0].all())
+            assert int(mask.sum(1).max()) == mask.shape[1]
+            assert torch.equal(mask, mask.sort(dim=1, descending=True).values)
+    assert 0.35 < shares[16] < 0.55 and 0.28 < shares[64] < 0.45
+
+
+def test_qa_windows_are_question_then_context():
+    tok = real_text.tokenizer()
+    ids, mask, types = real_text.qa_windows(3, torch.Generator().manual_seed(1), 384)
+    assert ids.shape == mask.shape == types.shape == (3, 384)
+    for row in range(3):
+        length = int(mask[row].sum())
+        real = ids[row, :length].tolist()
+        assert real[0] == tok.cls_id and real[-1] == tok.sep_id and real.count(tok.sep_id) == 2
+        first_sep = real.index(tok.sep_id)
+        assert types[row, :first_sep + 1].eq(0).all() and types[row, first_sep + 1:length].eq(1).all()
+        assert ids[row, length:].eq(0).all() and types[row, length:].eq(0).all()
+    again = real_text.qa_windows(3, torch.Generator().manual_seed(1), 384)
+    assert torch.equal(again[0], ids)
+
+
+def test_real_length_cases_give_packed_and_padded_rows_with_parity(tmp_path, capsys,
+                                                                   fake_timer):
+    code, out, err = _run_main(TINY + ["--ops", "encoder-sentences,encoder-qa-windows",
+                                       "--out", str(tmp_path), "--no-plots"], capsys)
+    assert code == 0, err
+    doc = json.load(open(os.path.join(tmp_path, [f for f in os.listdir(tmp_path)
+                                                 if f.endswith(".json")][0])))
+    ok = [r for r in doc["rows"] if r["status"] == "ok"]
+    for case in ("encoder-sentences", "encoder-qa-windows"):
+        rows = [r for r in ok if r["case"] == case]
+        assert {r["variant"] for r in rows} == {"ours-packed", "ours-padded",
+                                                 "transformers-eager", "transformers-sdpa"}
+        assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+        for row in rows:
+            assert row["parity_error"] is not None and row["parity_error"] < 1e-5, row
+            assert 10 < row["shape"]["real_tokens_pct"] < 90

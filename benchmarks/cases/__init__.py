@@ -4,4 +4,4 @@ To add a case, write a module here that calls :func:`benchmarks.registry.registe
 and import it below; the runner, the report and the regression gate pick it up.
 """
 
-from . import encoder, ops, pretraining, sampler  # noqa: F401  (registration)
+from . import encoder, ops, pretraining, real_lengths, sampler  # noqa: F401  (registration)
