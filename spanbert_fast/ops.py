@@ -866,5 +866,15 @@ def linear_cross_entropy(
     hidden, weight, bias = _autocast_matmul_inputs((hidden, weight, bias))
     need_grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if need_grads and hidden.dtype == torch.float16:
+        # fp16 under a GradScaler: gradients computed in the forward (scale 1) round
+        # (softmax - onehot) / n_valid to fp16 before the loss scale is known, and every
+        # value below 6e-8 flushes to zero for good. This op's backward instead reruns
+        # the chunked loop with the upstream (scaled) gradient folded into dlogits in
+        # fp32 before rounding, as plain torch does: one more logits GEMM, and no
+        # (vocab x hidden) gradient held between forward and backward. bf16 has fp32's
+        # exponent range and keeps the fused path.
+        return _custom_op("linear_cross_entropy")(hidden, weight, bias, labels,
+                                                  int(ignore_index), chosen)
     return _fused_linear_cross_entropy(hidden, weight, bias, labels, int(ignore_index),
                                        need_grads)[0]
