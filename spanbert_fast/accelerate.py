@@ -102,7 +102,8 @@ def _shared_encoder(bert: nn.Module, backend: str) -> SpanBertModel:
     """A SpanBertModel whose parameters ARE the transformers model's parameters."""
     values: Dict[str, Any] = bert.config.to_dict()
     values["add_pooling_layer"] = getattr(bert, "pooler", None) is not None
-    config = SpanBertConfig.from_dict(values)
+    # transformers has already accepted every key of its config object: keep unknown ones.
+    config = SpanBertConfig.from_dict(values, strict=False)
     with torch.device("meta"):  # no memory for weights that are replaced right away
         ours = SpanBertModel(config, backend=backend)
     theirs = dict(bert.named_parameters())
