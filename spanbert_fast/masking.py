@@ -756,7 +756,8 @@ class SpanMaskingCollator:
                 if index is not None:
                     index = _check_int(f"examples[{k}]['index']", _as_int(index), *_INT64_RANGE)
                 if example.get("attention_mask") is not None:
-                    keep = _as_id_list(f"examples[{k}]['attention_mask']", example["attention_mask"])
+                    keep = _as_id_list(f"examples[{k}]['attention_mask']",
+                                       example["attention_mask"])
                 example = example["input_ids"]
             ids = _as_id_list(f"examples[{k}]", example)
             if keep is not None:
