@@ -221,29 +221,29 @@ def test_an_accelerated_model_round_trips_through_pickle_and_deepcopy(clone):
     hf.eval()
     expected = hf(input_ids, attention_mask=mask, token_type_ids=types).start_logits
 
-    copy = clone(hf)
-    assert sf.is_accelerated(copy)
-    bert = copy.bert
+    twin = clone(hf)
+    assert sf.is_accelerated(twin)
+    bert = twin.bert
     encoder = getattr(bert, "_spanbert_fast_encoder")
     assert encoder is not getattr(hf.bert, "_spanbert_fast_encoder")
     ours = dict(encoder.named_parameters())
     for name, param in bert.named_parameters():
         if name in ours:
             assert ours[name] is param, f"{name}: the fused encoder lost the shared parameter"
-    assert_close(copy(input_ids, attention_mask=mask, token_type_ids=types).start_logits,
+    assert_close(twin(input_ids, attention_mask=mask, token_type_ids=types).start_logits,
                  expected, max_rel=MAX_REL, name="clone's fused output")
 
-    copy.train()
-    optimizer = torch.optim.SGD(copy.parameters(), lr=0.5)
-    copy(input_ids, attention_mask=mask, start_positions=torch.tensor([0, 1, 2]),
+    twin.train()
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.5)
+    twin(input_ids, attention_mask=mask, start_positions=torch.tensor([0, 1, 2]),
          end_positions=torch.tensor([0, 3, 4])).loss.backward()
     optimizer.step()
-    copy.eval()
+    twin.eval()
     fused = bert(input_ids, attention_mask=mask, token_type_ids=types).last_hidden_state
     theirs = transformers.BertModel.forward(bert, input_ids, attention_mask=mask,
                                             token_type_ids=types).last_hidden_state
     assert_close(fused, theirs, max_rel=MAX_REL, name="fused vs transformers after a step")
-    assert not torch.equal(copy(input_ids, attention_mask=mask).start_logits,
+    assert not torch.equal(twin(input_ids, attention_mask=mask).start_logits,
                            hf(input_ids, attention_mask=mask).start_logits), \
         "the step on the clone must not be shared with the original"
 
