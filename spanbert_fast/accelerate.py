@@ -18,17 +18,25 @@ What is honoured and what is not, said out loud rather than silently changed:
 * Per call, arguments the fused path does not implement (``output_attentions=True``,
   ``inputs_embeds``, ``head_mask``, cross-attention inputs, caches) run transformers' own
   forward for that call, with a one-time warning naming the argument.
+* ``gradient_checkpointing_enable()`` (before or after ``accelerate``) is honoured: each
+  fused layer whose transformers layer has checkpointing on runs through transformers'
+  own checkpoint function (same ``gradient_checkpointing_kwargs``, ``every_n_layers``) and
+  is recomputed in the backward pass.
+* An accelerated model pickles (``torch.save(model)`` / ``torch.load(...,
+  weights_only=False)``) and ``copy.deepcopy``-s as itself: still accelerated, the fused
+  encoder still sharing the copy's parameters.
 * Configs we cannot represent (relative position embeddings, decoders, an activation other
   than exact GELU, ...) are refused by ``accelerate`` with a ValueError listing every reason.
 """
 
 from __future__ import annotations
 
-import types
+import functools
 import warnings
 from typing import Any, Dict, List
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import SpanBertConfig
@@ -94,7 +102,8 @@ def _shared_encoder(bert: nn.Module, backend: str) -> SpanBertModel:
     """A SpanBertModel whose parameters ARE the transformers model's parameters."""
     values: Dict[str, Any] = bert.config.to_dict()
     values["add_pooling_layer"] = getattr(bert, "pooler", None) is not None
-    config = SpanBertConfig.from_dict(values)
+    # transformers has already accepted every key of its config object: keep unknown ones.
+    config = SpanBertConfig.from_dict(values, strict=False)
     with torch.device("meta"):  # no memory for weights that are replaced right away
         ours = SpanBertModel(config, backend=backend)
     theirs = dict(bert.named_parameters())
@@ -112,6 +121,13 @@ def _shared_encoder(bert: nn.Module, backend: str) -> SpanBertModel:
     return ours
 
 
+def _given(value: Any) -> bool:
+    """Whether a forward argument asks for something: anything but None/False. Tensors are
+    judged by presence, never by truth value (``bool(tensor)`` raises for more than one
+    element, and a tensor of zeros is still an input)."""
+    return value is not None and value is not False
+
+
 def _unsupported_arguments(kwargs: Dict[str, Any]) -> List[str]:
     checks = {
         "output_attentions": "the fused kernel never materialises attention probabilities",
@@ -122,11 +138,13 @@ def _unsupported_arguments(kwargs: Dict[str, Any]) -> List[str]:
         "past_key_values": "caches belong to decoders",
         "use_cache": "caches belong to decoders",
     }
-    return [f"{name} ({why})" for name, why in checks.items() if kwargs.get(name)]
+    return [f"{name} ({why})" for name, why in checks.items() if _given(kwargs.get(name))]
 
 
 def _accelerated_forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
                          position_ids=None, **kwargs):
+    """Installed as ``bert.forward`` (a ``functools.partial`` binding ``self``: unlike a
+    bound method it pickles by reference to this module-level function)."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
     output_attentions = kwargs.get("output_attentions")
@@ -163,6 +181,21 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, token_type_i
 _warned: set = set()
 
 
+def _fused_layer_forward(layer: nn.Module, hf_layer: nn.Module, *args: Any) -> torch.Tensor:
+    """Installed as the ``forward`` of each of our layers: the layer's own forward, or, when
+    the transformers layer it mirrors has gradient checkpointing on and is training, that
+    forward run through transformers' checkpoint function (``gradient_checkpointing_enable``
+    sets both the flag and the function, per layer), so activations inside the layer are
+    recomputed in the backward pass instead of kept."""
+    run = functools.partial(type(layer).forward, layer)
+    if getattr(hf_layer, "gradient_checkpointing", False) and hf_layer.training:
+        checkpoint = getattr(hf_layer, "_gradient_checkpointing_func", None)
+        if checkpoint is None:
+            checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        return checkpoint(run, *args)
+    return run(*args)
+
+
 def accelerate(hf_model: nn.Module, *, backend: str = "auto", padding: str = "exact") -> nn.Module:
     """Make every ``transformers.BertModel`` inside ``hf_model`` run on spanbert_fast's ops.
 
@@ -187,7 +220,9 @@ def accelerate(hf_model: nn.Module, *, backend: str = "auto", padding: str = "ex
         ours._keep_padded_rows = padding == "exact"
         # Stored outside nn.Module's registry so state_dict()/parameters() are unchanged.
         object.__setattr__(bert, _ATTR, ours)
-        bert.forward = types.MethodType(_accelerated_forward, bert)
+        for layer, hf_layer in zip(ours.encoder.layer, bert.encoder.layer):
+            layer.forward = functools.partial(_fused_layer_forward, layer, hf_layer)
+        bert.forward = functools.partial(_accelerated_forward, bert)
     return hf_model
 
 

@@ -759,7 +759,8 @@ def from_transformers(model_cls, hf_model: torch.nn.Module, **model_kwargs: Any)
     values = {k: v for k, v in hf_config.to_dict().items() if not str(k).startswith("_")}
     _check_representable(values, f"{type(hf_model).__name__}.config")
     values = {k: v for k, v in values.items() if k not in _FILE_CONFIG_KEYS}
-    config = SpanBertConfig.from_dict(values)
+    # A transformers config object has already accepted all its keys: keep unknown ones.
+    config = SpanBertConfig.from_dict(values, strict=False)
     encoder = getattr(hf_model, "bert", hf_model)
     has_pooler = getattr(encoder, "pooler", None) is not None
     config = config.replace(add_pooling_layer=has_pooler and kind == "model")

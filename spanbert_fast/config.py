@@ -5,6 +5,7 @@ with both libraries."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,34 @@ _BERT_KEYS = (
 )
 # Keys that are ours; stored in config.json under these names (transformers ignores them).
 _SPANBERT_KEYS = ("add_pooling_layer", "sbo_max_targets", "sbo_position_embedding_size")
+# Keys that are not ours but that a BERT config.json may rightly hold: what transformers
+# (4.x and 5.x) writes or accepts for every model, and what Google's original BERT configs
+# carry. They are kept in ``extra`` and written back unchanged. Any other key is refused,
+# so that a typo ("hiden_size") is not silently ignored while a 768-wide model is built;
+# keys starting with "_" are transformers' private bookkeeping (_name_or_path, ...).
+_TRANSFORMERS_KEYS = frozenset((
+    # the file and the model around the encoder
+    "architectures", "transformers_version", "dtype", "torch_dtype", "use_bfloat16",
+    "finetuning_task", "id2label", "label2id", "num_labels", "problem_type",
+    "tokenizer_class", "prefix", "task_specific_params", "classifier_dropout",
+    "position_embedding_type", "torchscript", "xla_device", "tf_legacy_loss",
+    "gradient_checkpointing", "output_past",
+    # outputs and structure (PretrainedConfig)
+    "return_dict", "output_hidden_states", "output_attentions", "pruned_heads",
+    "tie_word_embeddings", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
+    "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder", "use_cache",
+    "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
+    # generation defaults that transformers 4.x kept in every config
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
+    # Google's original BERT release (bert_config.json)
+    "directionality", "pooler_fc_size", "pooler_num_attention_heads", "pooler_num_fc_layers",
+    "pooler_size_per_head", "pooler_type",
+))
 _SUPPORTED_ACTS = ("gelu",)
 
 
@@ -120,12 +149,22 @@ class SpanBertConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "SpanBertConfig":
+    def from_dict(cls, values: Dict[str, Any], *, strict: bool = True) -> "SpanBertConfig":
+        """Build the config from a transformers/SpanBERT ``config.json`` dict.
+
+        ``strict`` (default): a key that is neither a field of this class nor one that
+        transformers or the original BERT release writes (see ``_TRANSFORMERS_KEYS``)
+        raises a ValueError naming it and the closest field, since it is most likely a
+        typo that would otherwise be ignored. ``strict=False`` keeps such keys in
+        ``extra`` (for a transformers config object, which has already accepted them).
+        """
         if not isinstance(values, dict):
             raise TypeError(f"config must be a dict of BERT config keys, got {type(values).__name__}")
         model_type = values.get("model_type", "bert")
         if model_type not in ("bert", "spanbert"):
             raise ValueError(f"config model_type must be 'bert', got {model_type!r}")
+        if strict:
+            _check_keys(values)
         known = {k: values[k] for k in _BERT_KEYS + _SPANBERT_KEYS if k in values}
         extra = {k: v for k, v in values.items()
                  if k not in _BERT_KEYS and k not in _SPANBERT_KEYS and k != "model_type"}
@@ -167,3 +206,23 @@ class SpanBertConfig:
 
     def replace(self, **changes: Any) -> "SpanBertConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _check_keys(values: Dict[str, Any]) -> None:
+    """Refuse keys that nothing reads (see ``_TRANSFORMERS_KEYS``), suggesting the field
+    each one most likely meant."""
+    fields = _BERT_KEYS + _SPANBERT_KEYS
+    unknown = [k for k in values
+               if not (k in fields or k in _TRANSFORMERS_KEYS or k == "model_type"
+                       or (isinstance(k, str) and k.startswith("_")))]
+    if not unknown:
+        return
+    problems = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"{key!r}{hint}")
+    raise ValueError(
+        f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(problems)}: neither "
+        f"a SpanBertConfig field nor a key transformers writes, so it would be ignored. "
+        f"The fields are: {', '.join(fields)}")

@@ -71,6 +71,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -705,8 +706,10 @@ def _register_native_fakes() -> None:
 class SpanMaskingCollator:
     """``collate_fn`` for a ``torch.utils.data.DataLoader`` of tokenized examples.
 
-    Each example is a sequence of ids (list, tuple, 1-D tensor or array) or a dict with
-    ``"input_ids"`` (and optionally ``"index"``, its index in the dataset). Returns the
+    Each example is a sequence of ids (list, tuple, 1-D tensor or array) or a mapping (a
+    dict, transformers' ``BatchEncoding``, ...) with ``"input_ids"``, optionally
+    ``"attention_mask"`` (positions where it is 0 are padding and are dropped before the
+    batch is re-padded) and ``"index"`` (the example's index in the dataset). Returns the
     right-padded batch as a dict of int64 tensors on ``masker.device``: ``input_ids``
     (batch, seq) masked, ``attention_mask`` (batch, seq) 1/0, ``labels`` (batch, seq) and
     ``sbo_targets`` (N, 5) (see :class:`SpanMasker`).
@@ -744,14 +747,26 @@ class SpanMaskingCollator:
         indices: List[Optional[int]] = []
         for k, example in enumerate(examples):
             index = None
-            if isinstance(example, dict):
+            keep = None
+            if isinstance(example, Mapping):
                 if "input_ids" not in example:
-                    raise ValueError(f"examples[{k}] is a dict without 'input_ids'")
+                    raise ValueError(f"examples[{k}] is a {type(example).__name__} without "
+                                     "'input_ids'")
                 index = example.get("index")
                 if index is not None:
                     index = _check_int(f"examples[{k}]['index']", _as_int(index), *_INT64_RANGE)
+                if example.get("attention_mask") is not None:
+                    keep = _as_id_list(f"examples[{k}]['attention_mask']",
+                                       example["attention_mask"])
                 example = example["input_ids"]
-            sequences.append(_as_id_list(f"examples[{k}]", example))
+            ids = _as_id_list(f"examples[{k}]", example)
+            if keep is not None:
+                if len(keep) != len(ids):
+                    raise ValueError(f"examples[{k}]['attention_mask'] has {len(keep)} entries "
+                                     f"but its 'input_ids' has {len(ids)}")
+                # A tokenizer that padded the example: its padding is not text to mask.
+                ids = [i for i, real in zip(ids, keep) if real]
+            sequences.append(ids)
             indices.append(index)
         width = max((len(s) for s in sequences), default=0)
         if self.pad_to_multiple_of is not None:
@@ -794,8 +809,8 @@ def _as_id_list(name: str, example: Any) -> List[int]:
                              f"shape {example.shape}")
         return example.tolist()
     if isinstance(example, (str, bytes)) or not isinstance(example, Sequence):
-        raise TypeError(f"{name} must be a sequence of ids or a dict with 'input_ids', got "
-                        f"{type(example).__name__}")
+        raise TypeError(f"{name} must be a sequence of ids or a mapping (dict, BatchEncoding) "
+                        f"with 'input_ids', got {type(example).__name__}")
     for position, value in enumerate(example):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name}[{position}] must be an int id, got {type(value).__name__}")

@@ -150,3 +150,147 @@ def test_double_after_accelerate_matches_transformers_in_float64(overwrite_param
                          position_ids=positions)
     assert_close(got.last_hidden_state, expected.last_hidden_state, max_rel=MAX_REL,
                  name="float64 after .double(), explicit position_ids")
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """The fallback warns once per reason per process; forget earlier tests' warnings."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("spanbert_fast.accelerate"), "_warned", set())
+
+
+def _tensor_argument(name, hf, input_ids):
+    config = hf.config
+    if name == "inputs_embeds":
+        return {"input_ids": None, name: hf.embeddings.word_embeddings(input_ids).detach()}
+    if name == "head_mask":
+        return {"input_ids": input_ids,
+                name: torch.rand(config.num_hidden_layers, config.num_attention_heads)}
+    cross = torch.randn(input_ids.shape[0], 5, config.hidden_size)
+    if name == "encoder_hidden_states":
+        return {"input_ids": input_ids, name: cross}
+    return {"input_ids": input_ids, "encoder_hidden_states": cross,
+            name: torch.ones(input_ids.shape[0], 5, dtype=torch.int64)}
+
+
+@pytest.mark.parametrize("name", ["inputs_embeds", "head_mask", "encoder_hidden_states",
+                                  "encoder_attention_mask"])
+def test_tensor_arguments_fall_back_with_the_warning(name, fresh_warnings):
+    """Issue 18.3: these arrive as tensors, whose truth value is ambiguous; the fused
+    forward must fall back (warning naming the argument) and give exactly what the
+    un-accelerated model gives for the same call."""
+    import copy
+
+    hf = randomize(transformers.BertModel(hf_config("eager")), seed=10).eval()
+    plain = copy.deepcopy(hf)
+    input_ids, mask, _, _ = make_batch(seed=11)
+    arguments = _tensor_argument(name, hf, input_ids)
+    expected = plain(attention_mask=mask, **arguments)
+    sf.accelerate(hf, backend="torch")
+    with pytest.warns(UserWarning, match=f"because of .*{name} "):
+        got = hf(attention_mask=mask, **arguments)
+    assert_close(got.last_hidden_state, expected.last_hidden_state, max_rel=MAX_REL,
+                 name=f"fallback output with {name}")
+
+
+def _pickled(model):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _deep_copied(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("clone", [_pickled, _deep_copied], ids=["torch.save/load", "deepcopy"])
+def test_an_accelerated_model_round_trips_through_pickle_and_deepcopy(clone):
+    """Issue 18.4: torch.load(weights_only=False) of a saved accelerated model failed
+    (the bound ``_accelerated_forward`` could not be found again). The clone must still be
+    accelerated, its fused encoder must share the clone's parameters (not the original's),
+    and a training step on the clone must show in the fused forward."""
+    hf = randomize(transformers.BertForQuestionAnswering(hf_config("sdpa")), seed=12)
+    sf.accelerate(hf, backend="torch")
+    input_ids, mask, types, _ = make_batch(seed=13)
+    hf.eval()
+    expected = hf(input_ids, attention_mask=mask, token_type_ids=types).start_logits
+
+    twin = clone(hf)
+    assert sf.is_accelerated(twin)
+    bert = twin.bert
+    encoder = getattr(bert, "_spanbert_fast_encoder")
+    assert encoder is not getattr(hf.bert, "_spanbert_fast_encoder")
+    ours = dict(encoder.named_parameters())
+    for name, param in bert.named_parameters():
+        if name in ours:
+            assert ours[name] is param, f"{name}: the fused encoder lost the shared parameter"
+    assert_close(twin(input_ids, attention_mask=mask, token_type_ids=types).start_logits,
+                 expected, max_rel=MAX_REL, name="clone's fused output")
+
+    twin.train()
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.5)
+    twin(input_ids, attention_mask=mask, start_positions=torch.tensor([0, 1, 2]),
+         end_positions=torch.tensor([0, 3, 4])).loss.backward()
+    optimizer.step()
+    twin.eval()
+    fused = bert(input_ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    theirs = transformers.BertModel.forward(bert, input_ids, attention_mask=mask,
+                                            token_type_ids=types).last_hidden_state
+    assert_close(fused, theirs, max_rel=MAX_REL, name="fused vs transformers after a step")
+    assert not torch.equal(twin(input_ids, attention_mask=mask).start_logits,
+                           hf(input_ids, attention_mask=mask).start_logits), \
+        "the step on the clone must not be shared with the original"
+
+
+def _enable_gradient_checkpointing(hf):
+    import warnings
+
+    with warnings.catch_warnings():
+        # transformers 5.23 deprecates the name (an alias of activation_checkpointing_enable).
+        warnings.simplefilter("ignore", FutureWarning)
+        hf.gradient_checkpointing_enable()
+
+
+@pytest.mark.parametrize("order", ["enabled after accelerate", "enabled before accelerate"])
+def test_gradient_checkpointing_recomputes_the_fused_layers(order):
+    """Issue 18.10: ``gradient_checkpointing_enable()`` was silently ignored by the fused
+    forward (every activation kept). Each fused layer must now run once in the forward and
+    once more in the backward, with the gradients of transformers without checkpointing."""
+    config = hf_config("sdpa", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    hf = randomize(transformers.BertForQuestionAnswering(config), seed=14)
+    reference = randomize(transformers.BertForQuestionAnswering(config), seed=14)
+    if order == "enabled before accelerate":
+        _enable_gradient_checkpointing(hf)
+    sf.accelerate(hf, backend="torch")
+    if order == "enabled after accelerate":
+        _enable_gradient_checkpointing(hf)
+    hf.train()
+    reference.train()
+    calls = []
+    encoder = getattr(hf.bert, "_spanbert_fast_encoder")
+    for index, layer in enumerate(encoder.encoder.layer):
+        layer.attention.register_forward_hook(lambda *_, index=index: calls.append(index))
+    input_ids, mask, types, _ = make_batch(seed=15)
+    start, end = torch.tensor([0, 5, 12]), torch.tensor([0, 6, 15])
+    got = hf(input_ids, attention_mask=mask, token_type_ids=types, start_positions=start,
+             end_positions=end)
+    layers = list(range(len(encoder.encoder.layer)))
+    assert calls == layers
+    got.loss.backward()
+    assert sorted(calls) == sorted(layers * 2), f"layers run {calls}: no recomputation"
+    expected = reference(input_ids, attention_mask=mask, token_type_ids=types,
+                         start_positions=start, end_positions=end)
+    expected.loss.backward()
+    assert_close(got.loss, expected.loss, max_rel=MAX_REL, name="loss with checkpointing")
+    assert compare_param_grads(hf, reference) == len(list(reference.parameters()))
+
+    calls.clear()
+    hf.eval()  # checkpointing is for training only, as in transformers
+    hf(input_ids, attention_mask=mask).start_logits.sum().backward()
+    assert calls == layers

@@ -172,6 +172,65 @@ def test_config_json_round_trip(tmp_path):
         sf.SpanBertConfig.from_json(tmp_path / "bad.json")
 
 
+def test_config_key_typo_is_refused_naming_the_closest_field(tmp_path, capsys):
+    """Issue 18.10: ``hiden_size`` in a config.json was kept as an unknown extra and a
+    768-wide model was built. Every way a config.json is read must refuse it, suggest
+    ``hidden_size``, and (for ``pretrain --config``) write nothing."""
+    import json
+
+    from spanbert_fast.commands import main
+
+    values = sf.SpanBertConfig.tiny().to_dict()
+    del values["hidden_size"]
+    values["hiden_size"] = 64
+    with pytest.raises(ValueError, match=r"'hiden_size' \(did you mean 'hidden_size'\?\)"):
+        sf.SpanBertConfig.from_dict(values)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=r"'hiden_size' \(did you mean 'hidden_size'\?\)"):
+        sf.SpanBertConfig.from_json(path)
+    sf.SpanBertModel(sf.SpanBertConfig.tiny()).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=r"config.json.*'hiden_size' \(did you mean"):
+        sf.SpanBertModel.from_pretrained(tmp_path / "model")
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("One sentence here.\nAnother one there.\n\nA second document.\n")
+    out = tmp_path / "out"
+    status = main(["pretrain", "--corpus", str(corpus), "--train-tokenizer", "60", "--config",
+                   str(path), "--out", str(out), "--max-steps", "1", "--batch-size", "2",
+                   "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2 and "'hiden_size' (did you mean 'hidden_size'?)" in err, err
+    assert not out.exists(), "nothing may be written for a refused config"
+
+    # strict=False keeps unknown keys (a transformers config object has accepted them).
+    assert sf.SpanBertConfig.from_dict(values, strict=False).extra["hiden_size"] == 64
+
+
+def test_config_keys_written_by_transformers_and_the_release_are_accepted(tmp_path):
+    """The check must not refuse real configs: what transformers writes for BERT (every
+    default key, plus a fine-tuned head's labels) and Google's original bert_config.json."""
+    import json
+
+    google = {"attention_probs_dropout_prob": 0.1, "directionality": "bidi",
+              "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 768,
+              "initializer_range": 0.02, "intermediate_size": 3072,
+              "max_position_embeddings": 512, "num_attention_heads": 12,
+              "num_hidden_layers": 12, "pooler_fc_size": 768, "pooler_num_attention_heads": 12,
+              "pooler_num_fc_layers": 3, "pooler_size_per_head": 128,
+              "pooler_type": "first_token_transform", "type_vocab_size": 2, "vocab_size": 119547}
+    assert sf.SpanBertConfig.from_dict(google).extra["pooler_type"] == "first_token_transform"
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(num_labels=3, finetuning_task="mnli",
+                                     classifier_dropout=0.2)
+    config.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert sf.SpanBertConfig.from_json(tmp_path).hidden_size == 768
+    everything = {k: v for k, v in config.to_dict().items()}
+    sf.SpanBertConfig.from_dict({**everything, **written})
+
+
 def test_transformers_forward_options(model):
     """return_dict=False gives transformers' tuple; what the fused attention cannot give
     (attention maps, head masks) is refused by name instead of an unexpected-keyword error."""

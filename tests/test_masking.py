@@ -513,6 +513,41 @@ def test_collator_pads_masks_and_uses_indices(native):
     assert [b["input_ids"].shape[0] for b in loader] == [2, 2]
 
 
+def test_collator_accepts_any_mapping_such_as_batch_encoding(native):
+    """Issue 18.10: transformers' BatchEncoding (a UserDict, not a dict) was refused with
+    "must be a sequence of ids or a dict". Any Mapping is an example; its attention_mask,
+    when there is one, says which ids are padding (a tokenizer that padded each example)."""
+    import types
+
+    transformers = pytest.importorskip("transformers")
+    generator = torch.Generator().manual_seed(23)
+    sequences = [[CLS] + torch.randint(4, VOCAB_SIZE, (n,), generator=generator).tolist() + [SEP]
+                 for n in (9, 3, 14)]
+    expected = SpanMaskingCollator(make_masker(), pad_token_id=PAD)(
+        [{"input_ids": s, "index": k} for k, s in enumerate(sequences)])
+
+    width = 20  # as a tokenizer with padding="max_length" would give
+    padded_encodings = [
+        transformers.BatchEncoding({"input_ids": s + [PAD] * (width - len(s)),
+                                    "token_type_ids": [0] * width,
+                                    "attention_mask": [1] * len(s) + [0] * (width - len(s)),
+                                    "index": k})
+        for k, s in enumerate(sequences)]
+    others = [types.MappingProxyType({"input_ids": sequences[0], "index": 0}),
+              transformers.BatchEncoding({"input_ids": torch.tensor(sequences[1]), "index": 1}),
+              {"input_ids": np.array(sequences[2]), "attention_mask": None, "index": 2}]
+    for examples in (padded_encodings, others):
+        got = SpanMaskingCollator(make_masker(), pad_token_id=PAD)(examples)
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+
+    with pytest.raises(ValueError, match=r"examples\[0\] is a BatchEncoding without 'input_ids'"):
+        SpanMaskingCollator(make_masker())([transformers.BatchEncoding({"ids": [1]})])
+    with pytest.raises(ValueError, match=r"examples\[0\]\['attention_mask'\] has 2 entries "
+                                         r"but its 'input_ids' has 3"):
+        SpanMaskingCollator(make_masker())([{"input_ids": [1, 5, 2], "attention_mask": [1, 1]}])
+
+
 def test_collator_bad_examples():
     collate = SpanMaskingCollator(make_masker())
     with pytest.raises(ValueError, match=r"examples\[1\] is a dict without 'input_ids'"):
