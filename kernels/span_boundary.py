@@ -564,10 +564,13 @@ def _head_backward(dy, hidden, left_index, right_index, rel_pos, position_table,
     if need["hidden"]:
         # (N, 2H) gradient of the gathered rows, viewed as (2N, H) in the interleaved
         # l0, r0, l1, r1 order of boundary_rows, scattered with one index_add_.
+        # Summed in fp32 (fp64 for fp64): a boundary row shared by many targets (a [CLS]
+        # next to several spans, long spans' 15 targets) would otherwise round to
+        # fp16/bf16 at every add.
         d_gathered = torch.mm(dz1, w1[:, : 2 * width]).view(-1, width)
-        d_hidden = torch.zeros((tokens, width), dtype=dtype, device=device)
-        d_hidden.index_add_(0, boundary_rows, d_gathered)
-        grads["hidden"] = d_hidden
+        d_hidden = torch.zeros((tokens, width), dtype=accumulator_dtype(dtype), device=device)
+        d_hidden.index_add_(0, boundary_rows, d_gathered.to(d_hidden.dtype))
+        grads["hidden"] = d_hidden.to(dtype)
     return _in_param_dtypes(grads, param_dtypes)
 
 

@@ -318,3 +318,32 @@ def test_autocast_layout_half_hidden_with_fp32_parameters():
         assert grads[name].dtype == torch_grads[name].dtype, name
         assert_within_2x_of_torch(grads[name], torch_grads[name], want,
                                   name=f"autocast layout {name}")
+
+
+def test_fp16_boundary_gradients_are_summed_in_fp32():
+    """d_hidden is a scatter-add over the targets (one boundary row serves every target of
+    a span, and [CLS]-side rows several spans). On a GPU, index_add_ on an fp16/bf16
+    buffer rounds at every atomic add (this CPU's index_add_ happens to sum half in
+    higher precision, so the rounding cannot be shown here): the scatter must run on an
+    fp32 buffer. Checked on the aten call itself, then the result against the oracle."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    scatter_dtypes = []
+
+    class RecordIndexAdd(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.index_add_, torch.ops.aten.index_add):
+                scatter_dtypes.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    args, dy = _inputs(12, 48, 15, 200, 400, seed=6, duplicates=False)
+    args[1] = torch.full((400,), 3)
+    args[2] = torch.randint(5, 12, (400,), generator=torch.Generator().manual_seed(7))
+    _, expected = _reference_with_grads(args, dy, torch.float64)
+    with RecordIndexAdd():
+        _, grads = _kernel_with_grads(args, dy, torch.float16)
+    assert scatter_dtypes == [torch.float32]
+    assert grads["hidden"].dtype == torch.float16
+    torch_out, torch_grads = _reference_with_grads(args, dy, torch.float16)
+    assert_within_2x_of_torch(grads["hidden"], torch_grads["hidden"], expected["hidden"],
+                              name="fp16 dhidden, one row shared by 400 targets")
