@@ -74,6 +74,12 @@ class WordPieceTokenizer:
     """
 
     def __init__(self, backend, lowercase: bool, source: str) -> None:
+        # The training commands pack, window and pad the token ids themselves. A
+        # tokenizer.json that pads or truncates (sentence-transformers folders pad and cut
+        # to 128) made [PAD] count as text (5x the corpus's tokens in the tests) and cut
+        # every QA context, so both are off for whatever backend is wrapped here.
+        backend.no_padding()
+        backend.no_truncation()
         self.backend = backend
         self.lowercase = bool(lowercase)
         self.source = source
