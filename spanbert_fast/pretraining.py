@@ -35,9 +35,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .checkpoint import CONFIG_NAMES, WEIGHT_NAMES
 from .config import SpanBertConfig
 from .corpus import BlockOrder, PackedBlocks, pack_corpus, read_corpus
-from .input_files import InputError, check_positive, check_regularisation, check_in_range
+from .input_files import (InputError, check_positive, check_regularisation, check_in_range,
+                          refuse_to_overwrite)
 from .masking import SpanMasker, SpanMaskingCollator
 from .modeling import SpanBertForPreTraining
 from .tokenization import (WordPieceTokenizer, load_tokenizer, tokenizer_from_vocab_file,
@@ -53,6 +55,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_FILE = "training_state.pt"
 RNG_STATE_FILE = "rng_state_rank{rank}.pt"
 LOG_FILE = "train_log.jsonl"
+# What makes a directory hold a model (any one of them): `pretrain` and `finetune-qa` do
+# not replace these without --overwrite.
+MODEL_FILES = CONFIG_NAMES + WEIGHT_NAMES
 STATE_FORMAT = 1
 # Options that decide which data each step sees and how it is masked: changing any of them
 # on --resume makes the run differ from an uninterrupted one.
@@ -97,6 +102,7 @@ class PretrainOptions:
     resume: Optional[str] = None
     log_every: int = 10
     progress: bool = True
+    overwrite: bool = False  # replace a model already in ``out`` (else refuse)
 
 
 @dataclass
@@ -223,6 +229,13 @@ def find_checkpoint(path: str) -> str:
         raise InputError(f"--resume {path!r} holds no checkpoint ({CHECKPOINT_PREFIX}STEP "
                          f"directory with {TRAINING_STATE_FILE})")
     return found[-1][1]
+
+
+def _resumes_into(resume_dir: Optional[str], out: str) -> bool:
+    """Whether the run resumes from one of ``out``'s own checkpoints (whose final model
+    it then writes again, as the interrupted run would have)."""
+    return (resume_dir is not None and
+            os.path.realpath(os.path.dirname(resume_dir)) == os.path.realpath(out))
 
 
 def _parameter_digest(model: torch.nn.Module) -> str:
@@ -387,6 +400,8 @@ def run_pretraining(opts: PretrainOptions,
     if resume_dir is None and _checkpoints_in(opts.out):
         raise InputError(f"--out {opts.out!r} already holds checkpoints of another run: pass "
                          f"--resume {opts.out} to continue it, or choose another directory")
+    if not opts.overwrite and not _resumes_into(resume_dir, opts.out):
+        refuse_to_overwrite(opts.out, MODEL_FILES, "a model")
     tokenizer = _given_tokenizer(opts, resume_dir)
     if procs.main:
         os.makedirs(opts.out, exist_ok=True)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .input_files import InputError, check_positive, check_regularisation
+from .input_files import InputError, check_positive, check_regularisation, refuse_to_overwrite
 from .modeling import SpanBertForQuestionAnswering
 from .squad import (QAWindow, SquadExample, build_windows, evaluate_predictions,
                     extract_answers, read_squad)
@@ -62,6 +62,7 @@ class FinetuneQAOptions:
     device: str = "auto"
     backend: str = "auto"
     progress: bool = True
+    overwrite: bool = False  # replace a model or results already in ``out`` (else refuse)
 
 
 @dataclass
@@ -100,6 +101,27 @@ def load_qa_model(path: str, backend: str = "auto") -> Tuple[SpanBertForQuestion
     except ValueError as err:
         raise InputError(f"--model {path!r}: {str(err).splitlines()[0]}") from None
     return model, fresh_head
+
+
+# The result files an evaluation writes into --out.
+RESULT_FILES = ("predictions.json", "null_odds.json", "eval_results.json")
+
+
+def _check_out(opts: FinetuneQAOptions) -> None:
+    """Refuse to replace a model (when training will save one) or earlier results (when
+    evaluating) in ``--out`` without --overwrite; ``--model M --out M`` would replace the
+    pretrained weights with the fine-tuned ones."""
+    if opts.out is None or opts.overwrite:
+        return
+    if opts.train is not None:
+        from .pretraining import MODEL_FILES
+        same = (os.path.exists(opts.model) and os.path.exists(opts.out)
+                and os.path.samefile(opts.model, opts.out))
+        refuse_to_overwrite(opts.out, MODEL_FILES, "a model",
+                            " (it is --model: fine-tuning would replace its weights)"
+                            if same else "")
+    if opts.dev is not None:
+        refuse_to_overwrite(opts.out, RESULT_FILES, "evaluation results")
 
 
 def _batches(windows: Sequence[QAWindow], order: Sequence[int], size: int, pad_id: int,
@@ -192,6 +214,7 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
         raise InputError(f"--warmup-ratio must be in [0, 1), got {opts.warmup_ratio}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("finetune-qa runs in one process; launch it without torchrun")
+    _check_out(opts)
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
     tokenizer = load_tokenizer(opts.tokenizer or opts.model)
