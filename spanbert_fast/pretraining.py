@@ -40,13 +40,13 @@ from .config import SpanBertConfig
 from .corpus import BlockOrder, PackedBlocks, pack_corpus, read_corpus
 from .input_files import (InputError, check_positive, check_regularisation, check_in_range,
                           refuse_to_overwrite)
-from .masking import SpanMasker, SpanMaskingCollator
+from .masking import MAX_SPAN_WORDS_LIMIT, SpanMasker, SpanMaskingCollator
 from .modeling import SpanBertForPreTraining
 from .tokenization import (WordPieceTokenizer, load_tokenizer, tokenizer_from_vocab_file,
                            train_tokenizer)
-from .training import (adamw_parameter_groups, autocast, make_grad_scaler, resolve_device,
-                       resolve_precision, rng_state, seed_everything, set_rng_state,
-                       warmup_then_decay)
+from .training import (adamw_parameter_groups, autocast, check_backend, make_grad_scaler,
+                       resolve_device, resolve_precision, rng_state, seed_everything,
+                       set_rng_state, warmup_then_decay)
 
 __all__ = ["PretrainOptions", "PretrainResult", "run_pretraining", "find_checkpoint",
            "CHECKPOINT_PREFIX", "TRAINING_STATE_FILE", "LOG_FILE"]
@@ -193,6 +193,12 @@ def _check_options(opts: PretrainOptions, procs: _Processes) -> None:
                          f"{opts.grad_accum_steps}")
     if not 0.0 < opts.mask_ratio < 1.0:
         raise InputError(f"--mask-ratio must be in (0, 1), got {opts.mask_ratio}")
+    # Checked again by SpanMasker, which is built only after the tokenizer was saved.
+    if not 0.0 < opts.geometric_p <= 1.0:
+        raise InputError(f"--geometric-p must be in (0, 1], got {opts.geometric_p}")
+    if not 1 <= opts.max_span_words <= MAX_SPAN_WORDS_LIMIT:
+        raise InputError(f"--max-span-words must be in [1, {MAX_SPAN_WORDS_LIMIT}], got "
+                         f"{opts.max_span_words}")
     check_regularisation(opts.max_grad_norm, opts.weight_decay)
     if not 0 <= opts.seed < 2**63:
         raise InputError(f"--seed must be in [0, 2^63), got {opts.seed}")
@@ -370,6 +376,7 @@ def run_pretraining(opts: PretrainOptions,
     _check_options(opts, procs)
     device = resolve_device(opts.device, procs.local_rank)
     precision = resolve_precision(opts.precision, device)
+    check_backend(opts.backend, device)
     resume_dir = find_checkpoint(opts.resume) if opts.resume is not None else None
     state: Optional[Dict[str, Any]] = None
     if resume_dir is not None:
@@ -390,7 +397,9 @@ def run_pretraining(opts: PretrainOptions,
         config = _model_config(resume_dir)
     else:
         config = _model_config(opts.config)
-    seq_len = opts.seq_len or min(512, config.max_position_embeddings)
+    seq_len = opts.seq_len  # 0 is refused below, not taken for the default
+    if seq_len is None:
+        seq_len = min(512, config.max_position_embeddings)
     if seq_len < 3 or seq_len > config.max_position_embeddings:
         raise InputError(f"--seq-len must be in [3, {config.max_position_embeddings}] (the "
                          f"model's max_position_embeddings), got {seq_len}")

@@ -27,8 +27,8 @@ from .modeling import SpanBertForQuestionAnswering
 from .squad import (QAWindow, SquadExample, build_windows, evaluate_predictions,
                     extract_answers, read_squad)
 from .tokenization import WordPieceTokenizer, load_tokenizer
-from .training import (adamw_parameter_groups, autocast, make_grad_scaler, resolve_device,
-                       resolve_precision, seed_everything, warmup_then_decay)
+from .training import (adamw_parameter_groups, autocast, check_backend, make_grad_scaler,
+                       resolve_device, resolve_precision, seed_everything, warmup_then_decay)
 
 __all__ = ["FinetuneQAOptions", "FinetuneQAResult", "run_finetune_qa", "load_qa_model"]
 
@@ -217,6 +217,7 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     _check_out(opts)
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
+    check_backend(opts.backend, device)
     tokenizer = load_tokenizer(opts.tokenizer or opts.model)
     seed_everything(opts.seed)
     model, fresh_head = load_qa_model(opts.model, backend=opts.backend)
@@ -224,6 +225,9 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     if tokenizer.vocab_size > config.vocab_size:
         raise InputError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
                          f"{opts.model!r} only {config.vocab_size}: they do not belong together")
+    if opts.max_seq_len is not None and opts.max_seq_len < 8:  # 0 is not "the default"
+        raise InputError(f"--max-seq-len must be in [8, {config.max_position_embeddings}] (the "
+                         f"model's max_position_embeddings), got {opts.max_seq_len}")
     max_seq_len = opts.max_seq_len or min(384, config.max_position_embeddings)
     if not 8 <= max_seq_len <= config.max_position_embeddings:
         raise InputError(f"--max-seq-len must be in [8, {config.max_position_embeddings}] (the "

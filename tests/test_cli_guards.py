@@ -289,6 +289,21 @@ def test_an_unusable_backend_fails_before_anything_is_written(tmp_path, tiny_mod
     assert not out.exists()
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("--geometric-p", "0", "--geometric-p must be in (0, 1], got 0.0"),
+    ("--geometric-p", "1.5", "--geometric-p must be in (0, 1], got 1.5"),
+    ("--max-span-words", "0", "--max-span-words must be in [1, 64], got 0"),
+])
+def test_span_masking_options_fail_before_anything_is_written(tmp_path, capsys, option, value,
+                                                              expected):
+    """They were checked when the masker was built, after the tokenizer was saved."""
+    out = tmp_path / "out"
+    assert main(["pretrain", *TINY_RUN, "--vocab", VOCAB, option, value, "--out", str(out),
+                 "--quiet"]) == 2
+    assert expected in _one_error_line(capsys)
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------ 9. finetune-qa messages
 def test_finetune_qa_quiet_still_prints_the_final_metrics(tiny_model_dir, capsys):
     assert main(["finetune-qa", "--model", str(tiny_model_dir), "--dev", SQUAD, "--quiet"]) == 0
@@ -328,7 +343,7 @@ def test_a_vocab_of_special_tokens_only_is_refused_by_name(tmp_path, capsys):
                  "--quiet"]) == 2
     message = _one_error_line(capsys)
     assert "unigram" not in message
-    assert f"--vocab {str(vocab)!r} holds only the special tokens" in message
+    assert f"vocabulary {str(vocab)!r} holds only the special tokens" in message
     assert not (tmp_path / "out").exists()
 
 
