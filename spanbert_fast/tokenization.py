@@ -89,6 +89,12 @@ class WordPieceTokenizer:
             raise InputError(f"vocabulary {source!r} lacks the special token"
                              f"{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                              f"(BERT vocabularies need {' '.join(SPECIAL_TOKENS)})")
+        if set(self._vocab) <= set(SPECIAL_TOKENS):
+            # (Pretraining failed with "unigram must have a positive sum": no token to draw
+            # the random replacements from.)
+            raise InputError(f"vocabulary {source!r} holds only the special tokens "
+                             f"{' '.join(SPECIAL_TOKENS)}; it needs word pieces to tokenize "
+                             f"text")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
             self._vocab[tok] for tok in SPECIAL_TOKENS)
         self.vocab_size = max(self._vocab.values()) + 1
