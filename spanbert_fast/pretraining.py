@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CONFIG_NAMES, WEIGHT_NAMES
+from .checkpoint import CONFIG_NAMES, SAFETENSORS_NAME, WEIGHT_NAMES
 from .config import SpanBertConfig
 from .corpus import BlockOrder, PackedBlocks, pack_corpus, read_corpus
 from .input_files import (InputError, check_positive, check_regularisation, check_in_range,
@@ -244,6 +244,64 @@ def _resumes_into(resume_dir: Optional[str], out: str) -> bool:
             os.path.realpath(os.path.dirname(resume_dir)) == os.path.realpath(out))
 
 
+def _corrupt_checkpoint(resume_dir: str, path: str, err: BaseException) -> InputError:
+    """One line: the file, what is wrong with it, and the checkpoint to resume from instead
+    (the latest earlier one beside it, if any)."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if not isinstance(err, InputError):
+        reason = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+    step = _checkpoint_step(os.path.basename(os.path.normpath(resume_dir)))
+    earlier = [p for s, p in _checkpoints_in(os.path.dirname(os.path.normpath(resume_dir)))
+               if step is not None and s < step]
+    instead = (f"resume from the previous checkpoint instead: --resume {earlier[-1]}" if earlier
+               else "there is no earlier checkpoint beside it: start again without --resume")
+    what = "is missing" if isinstance(err, FileNotFoundError) else "is corrupt or truncated"
+    return InputError(f"checkpoint file {path!r} {what} ({reason}); {instead}")
+
+
+def _read_checkpoint(resume_dir: str) -> Dict[str, Any]:
+    """Read the training state of ``resume_dir`` and check that its other files can be read
+    (the weights' header and size, the config, the tokenizer, every process's RNG file),
+    before anything is written: a checkpoint cut by a full disk or a failed copy gave a
+    traceback deep in the run. Returns the training state."""
+    from .checkpoint import _find_weights_file, read_config, read_state_dict
+
+    def load_pickle(path: str) -> Any:
+        return torch.load(path, weights_only=True)
+
+    def check_weights(directory: str) -> None:
+        path = _find_weights_file(directory)
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as handle:  # the header and the file size
+                handle.keys()
+        else:
+            read_state_dict(path)
+
+    state_path = os.path.join(resume_dir, TRAINING_STATE_FILE)
+    checks: List[Tuple[str, Callable[[], Any]]] = [
+        (state_path, lambda: load_pickle(state_path)),
+        (os.path.join(resume_dir, CONFIG_NAMES[0]), lambda: read_config(resume_dir)),
+        (os.path.join(resume_dir, SAFETENSORS_NAME), lambda: check_weights(resume_dir)),
+        (os.path.join(resume_dir, "tokenizer.json"), lambda: load_tokenizer(resume_dir)),
+    ]
+    for name in sorted(os.listdir(resume_dir)):
+        if re.fullmatch(re.escape(RNG_STATE_FILE).replace(r"\{rank\}", r"\d+"), name):
+            path = os.path.join(resume_dir, name)
+            checks.append((path, lambda path=path: load_pickle(path)["rng"]))
+    state = None
+    for path, check in checks:
+        try:
+            value = check()
+        except Exception as err:  # unpickling and safetensors raise many kinds
+            if isinstance(err, FileNotFoundError) and err.filename:
+                path = err.filename
+            raise _corrupt_checkpoint(resume_dir, path, err) from None
+        if path == state_path:
+            state = value
+    return state
+
+
 def _parameter_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
@@ -380,11 +438,7 @@ def run_pretraining(opts: PretrainOptions,
     resume_dir = find_checkpoint(opts.resume) if opts.resume is not None else None
     state: Optional[Dict[str, Any]] = None
     if resume_dir is not None:
-        try:
-            state = torch.load(os.path.join(resume_dir, TRAINING_STATE_FILE), weights_only=True)
-        except Exception as err:  # unpickling raises many kinds; the file is the problem
-            raise InputError(f"checkpoint {resume_dir!r}: cannot read {TRAINING_STATE_FILE} "
-                             f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        state = _read_checkpoint(resume_dir)
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             found = state.get("format") if isinstance(state, dict) else None
             raise InputError(f"checkpoint {resume_dir!r} has training-state format "
