@@ -42,8 +42,9 @@ from .input_files import (InputError, check_positive, check_regularisation, chec
                           refuse_to_overwrite)
 from .masking import MAX_SPAN_WORDS_LIMIT, SpanMasker, SpanMaskingCollator
 from .modeling import SpanBertForPreTraining
-from .tokenization import (WordPieceTokenizer, load_tokenizer, tokenizer_from_vocab_file,
-                           train_tokenizer)
+from .tokenization import (TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, VOCAB_FILE,
+                           WordPieceTokenizer, config_lowercase, load_tokenizer,
+                           tokenizer_from_vocab_file, train_tokenizer)
 from .training import (adamw_parameter_groups, autocast, check_backend, make_grad_scaler,
                        resolve_device, resolve_precision, rng_state, seed_everything,
                        set_rng_state, warmup_then_decay)
@@ -403,10 +404,25 @@ def _given_tokenizer(opts: PretrainOptions, resume_dir: Optional[str]
 
 
 def _vocab_option(path: str, lowercase: bool) -> WordPieceTokenizer:
-    """--vocab: a bare vocab.txt follows --lowercase (it has no casing of its own); a
-    tokenizer.json or a directory says its casing, which --lowercase must not contradict."""
+    """--vocab: a vocab.txt (or a directory with one and no tokenizer.json) takes its casing
+    from the ``tokenizer_config.json`` beside it (``do_lower_case``: an uncased vocabulary
+    read cased turned 4.6% of real English text into [UNK]), and follows --lowercase
+    where there is none; a tokenizer.json says its casing itself. --lowercase must not
+    contradict a casing the files state."""
+    vocab_file = None
     if os.path.isfile(path) and not path.endswith(".json"):
-        return tokenizer_from_vocab_file(path, lowercase=lowercase)
+        vocab_file = path
+    elif (os.path.isdir(path) and not os.path.isfile(os.path.join(path, TOKENIZER_FILE))
+          and os.path.isfile(os.path.join(path, VOCAB_FILE))):
+        vocab_file = os.path.join(path, VOCAB_FILE)
+    if vocab_file is not None:
+        directory = os.path.dirname(vocab_file) or "."
+        stated = config_lowercase(directory)
+        if stated is False and lowercase:
+            raise InputError(f"--lowercase was given but "
+                             f"{os.path.join(directory, TOKENIZER_CONFIG_FILE)!r} says "
+                             f"do_lower_case false for --vocab {path!r}; drop --lowercase")
+        return tokenizer_from_vocab_file(vocab_file, lowercase=lowercase or bool(stated))
     tokenizer = load_tokenizer(path)
     if lowercase and not tokenizer.lowercase:
         raise InputError(f"--lowercase was given but --vocab {path!r} is a cased tokenizer; "
@@ -522,10 +538,13 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
         tokenizer.save(opts.out)
 
     blocks = pack_corpus(corpus, tokenizer, opts.seq_len - 2)
+    unknown = _unknown_token_warning(corpus, blocks, tokenizer)
+    if unknown is not None:
+        _warn(procs, unknown)
     _say(procs, opts, f"corpus: {len(corpus.files)} file(s), {len(corpus.documents)} documents, "
                       f"{blocks.num_tokens:,} tokens in {len(blocks):,} blocks of <= "
                       f"{opts.seq_len} tokens; vocabulary {tokenizer.vocab_size:,} "
-                      f"({tokenizer.source})")
+                      f"({tokenizer.source}{', lowercased' if tokenizer.lowercase else ''})")
 
     seed_everything(opts.seed)
     if resume_dir is None:
@@ -620,6 +639,37 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
                           f"(last checkpoint: {result.last_checkpoint})")
     procs.barrier()
     return result
+
+
+# The [UNK] share of the first blocks above which pretrain warns (real English text with
+# a matching BERT vocabulary: ~0.01%; an uncased vocabulary read cased: 4.6%).
+UNKNOWN_WARN_SHARE = 0.01
+UNKNOWN_CHECK_BLOCKS = 100
+
+
+def _unknown_token_warning(corpus, blocks: PackedBlocks,
+                           tokenizer: WordPieceTokenizer) -> Optional[str]:
+    """A warning when more than 1% of the tokens of the first blocks are [UNK], with the
+    fix: --lowercase when lowercasing removes most of them."""
+    sample = blocks.tokens[:blocks.offsets[min(len(blocks), UNKNOWN_CHECK_BLOCKS)]]
+    share = float((sample == tokenizer.unk_id).mean()) if len(sample) else 0.0
+    if share <= UNKNOWN_WARN_SHARE:
+        return None
+    message = (f"{100 * share:.1f}% of the tokens of the first "
+               f"{min(len(blocks), UNKNOWN_CHECK_BLOCKS)} blocks are [UNK]")
+    if not tokenizer.lowercase:
+        lines = [line for _, line in zip(range(1000), corpus.lines())]
+        lowered = tokenizer.lowercased()
+
+        def unknown_share(tok: WordPieceTokenizer) -> float:
+            ids = [i for row in tok.encode_batch(lines) for i in row]
+            return sum(i == tok.unk_id for i in ids) / max(1, len(ids))
+        cased, uncased = unknown_share(tokenizer), unknown_share(lowered)
+        if uncased < cased / 2:
+            return (f"{message}, {100 * uncased:.1f}% when lowercased: the vocabulary looks "
+                    f"uncased; pass --lowercase (and start again)")
+    return (f"{message}: the vocabulary does not fit the corpus (another language or "
+            f"script?); pass a --vocab made for this text, or --train-tokenizer N")
 
 
 def _random_token_weights(tokenizer: WordPieceTokenizer) -> torch.Tensor:

@@ -24,6 +24,7 @@ __all__ = [
     "load_tokenizer",
     "train_tokenizer",
     "tokenizer_from_vocab_file",
+    "config_lowercase",
 ]
 
 # BERT's special tokens; every one must be in the vocabulary.
@@ -112,6 +113,11 @@ class WordPieceTokenizer:
             if token.startswith(CONTINUATION_PREFIX) and len(token) > len(CONTINUATION_PREFIX):
                 flags[index] = True
         return flags
+
+    def lowercased(self) -> "WordPieceTokenizer":
+        """The same vocabulary behind BERT's uncased normalisation (lowercase, strip
+        accents): what the tokenizer would give with ``--lowercase``."""
+        return WordPieceTokenizer(_build_pipeline(self._vocab, True), True, self.source)
 
     def id_to_token(self, index: int) -> Optional[str]:
         return self.backend.id_to_token(index)
@@ -229,6 +235,18 @@ def _tokenizer_from_json(path: str) -> WordPieceTokenizer:
     return WordPieceTokenizer(backend, lowercase, path)
 
 
+def config_lowercase(directory: str) -> Optional[bool]:
+    """``do_lower_case`` from the ``tokenizer_config.json`` in ``directory`` (transformers
+    writes one beside every ``vocab.txt``); None when there is none or it does not say."""
+    config_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        return None
+    config = read_json(config_path, "tokenizer config")
+    if not isinstance(config, dict) or "do_lower_case" not in config:
+        return None
+    return bool(config["do_lower_case"])
+
+
 def load_tokenizer(path: str) -> WordPieceTokenizer:
     """A tokenizer from ``tokenizer.json``, a ``vocab.txt``, or a directory holding either
     (``tokenizer.json`` preferred; a lone ``vocab.txt`` is lowercased only when the
@@ -239,12 +257,8 @@ def load_tokenizer(path: str) -> WordPieceTokenizer:
             return _tokenizer_from_json(json_path)
         vocab_path = os.path.join(path, VOCAB_FILE)
         if os.path.isfile(vocab_path):
-            lowercase = False
-            config_path = os.path.join(path, TOKENIZER_CONFIG_FILE)
-            if os.path.isfile(config_path):
-                config = read_json(config_path, "tokenizer config")
-                lowercase = bool(isinstance(config, dict) and config.get("do_lower_case", False))
-            return tokenizer_from_vocab_file(vocab_path, lowercase=lowercase)
+            return tokenizer_from_vocab_file(vocab_path,
+                                             lowercase=bool(config_lowercase(path)))
         raise InputError(f"directory {path!r} holds no {TOKENIZER_FILE} or {VOCAB_FILE}")
     if not os.path.exists(path):
         raise InputError(f"tokenizer {path!r} does not exist")

@@ -240,6 +240,15 @@ def test_uncased_vocab_txt_follows_the_tokenizer_config_beside_it(tmp_path, caps
     assert saved.unk_id not in saved.encode_batch(["The Lighthouse keeper"])[0]
 
 
+def test_lowercase_contradicting_the_tokenizer_config_is_refused(tmp_path, capsys):
+    vocab = _uncased_vocab(tmp_path / "cased", with_config=False)
+    (vocab.parent / "tokenizer_config.json").write_text('{"do_lower_case": false}',
+                                                        encoding="utf-8")
+    assert main(["pretrain", *TINY_RUN, "--vocab", str(vocab), "--lowercase", "--out",
+                 str(tmp_path / "out"), "--quiet"]) == 2
+    assert "says do_lower_case false" in _one_error_line(capsys)
+
+
 def test_a_cased_read_of_an_uncased_vocab_warns_with_the_fix(tmp_path, capsys):
     vocab = _uncased_vocab(tmp_path / "uncased", with_config=False)
     for lowercase in ([], ["--lowercase"]):
