@@ -215,6 +215,9 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("finetune-qa runs in one process; launch it without torchrun")
     _check_out(opts)
+    if opts.train is not None and opts.out is None:
+        print("spanbert-fast: warning: no --out: the fine-tuned model will not be saved",
+              file=sys.stderr)
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
     check_backend(opts.backend, device)
@@ -307,8 +310,9 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     if dev is not None:
         result.metrics, result.predictions, null_diffs = _evaluate(
             model, dev[0], dev[1], opts, version_2, pad_id, device, precision)
-        if train is None or not opts.eval_each_epoch:
-            _say(opts, "dev " + _format_metrics(result.metrics))
+        if train is None or not opts.eval_each_epoch or not opts.progress:
+            # The one result of the run: printed under --quiet too, which hid it.
+            print("dev " + _format_metrics(result.metrics), file=sys.stdout, flush=True)
     if opts.out is not None:
         _save_outputs(opts, model, tokenizer, result, null_diffs, version_2)
     return result

@@ -318,7 +318,7 @@ def test_finetune_qa_quiet_still_prints_the_final_metrics(tiny_model_dir, capsys
     assert main(["finetune-qa", "--model", str(tiny_model_dir), "--dev", SQUAD, "--quiet"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    assert len(lines) == 1 and re.match(r"dev EM \d+\.\d\d  F1 \d+\.\d\d \(20 questions\)",
+    assert len(lines) == 1 and re.match(r"dev EM \d+\.\d\d  F1 \d+\.\d\d  \(20 questions\)",
                                         lines[0]), captured.out
     assert captured.err == ""
 
