@@ -556,7 +556,8 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
     _say(procs, opts, f"model: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
                       f"{n_params / 1e6:.2f}M parameters; {device.type}, {precision}, "
                       f"{procs.world} process(es); global batch {opts.batch_size} x "
-                      f"{opts.seq_len} tokens")
+                      f"{opts.seq_len} tokens (blocks average "
+                      f"{blocks.num_tokens / len(blocks) + 2:.1f} tokens)")
     # Dropout draws differ per process (as they would for more rows in one process).
     torch.manual_seed(opts.seed + 1 + procs.rank)
 
@@ -600,12 +601,19 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
                         dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
     log_handle = (open(os.path.join(opts.out, LOG_FILE), "a", encoding="utf-8")
                   if procs.main else None)
+    # Real (non-padding) tokens since the last log line, against the batch's nominal
+    # batch_size x seq_len: blocks end at document boundaries, so they may be mostly padding.
+    interval_tokens, interval_steps = 0.0, 0
+    capacity = opts.batch_size * opts.seq_len
     try:
         for step in range(start_step, opts.max_steps):
             started = time.perf_counter()
             record = _train_step(run, step)
             record["seconds"] = time.perf_counter() - started
             record["tokens_per_second"] = record["tokens"] / max(record["seconds"], 1e-9)
+            record["real_token_share"] = record["tokens"] / capacity
+            interval_tokens += record["tokens"]
+            interval_steps += 1
             result.history.append(record)
             if log_handle is not None:
                 log_handle.write(json.dumps(record) + "\n")
@@ -621,7 +629,9 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
                 _say(procs, opts, f"step {done}/{opts.max_steps}  loss {record['loss']:.4f}  "
                                   f"mlm {record['mlm_loss']:.4f}  sbo {record['sbo_loss']:.4f}  "
                                   f"lr {record['lr']:.2e}  grad-norm {record['grad_norm']:.3f}  "
-                                  f"{record['tokens_per_second']:,.0f} tok/s")
+                                  f"{record['tokens_per_second']:,.0f} tok/s  real tokens "
+                                  f"{100 * interval_tokens / (interval_steps * capacity):.0f}%")
+                interval_tokens, interval_steps = 0.0, 0
             if done % opts.save_every == 0 or done == opts.max_steps:
                 result.last_checkpoint = _write_checkpoint(
                     opts.out, done, procs, model, tokenizer, _training_state(run, done, tokenizer),
