@@ -26,8 +26,11 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -60,6 +63,7 @@ LOG_FILE = "train_log.jsonl"
 # not replace these without --overwrite.
 MODEL_FILES = CONFIG_NAMES + WEIGHT_NAMES
 STATE_FORMAT = 1
+PROG = "spanbert-fast"
 # Options that decide which data each step sees and how it is masked: changing any of them
 # on --resume makes the run differ from an uninterrupted one.
 _EXACT_RESUME_OPTIONS = ("seq_len", "batch_size", "seed", "mask_ratio", "geometric_p",
@@ -605,6 +609,8 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
     # batch_size x seq_len: blocks end at document boundaries, so they may be mostly padding.
     interval_tokens, interval_steps = 0.0, 0
     capacity = opts.batch_size * opts.seq_len
+    stop = _StopRequest(announce=procs.main, below_progress_bar=progress is not None)
+    restore_sigint = stop.install()
     try:
         for step in range(start_step, opts.max_steps):
             started = time.perf_counter()
@@ -632,13 +638,23 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
                                   f"{record['tokens_per_second']:,.0f} tok/s  real tokens "
                                   f"{100 * interval_tokens / (interval_steps * capacity):.0f}%")
                 interval_tokens, interval_steps = 0.0, 0
-            if done % opts.save_every == 0 or done == opts.max_steps:
+            stopping = _stop_agreed(procs, stop, device) and done < opts.max_steps
+            if done % opts.save_every == 0 or done == opts.max_steps or stopping:
                 result.last_checkpoint = _write_checkpoint(
                     opts.out, done, procs, model, tokenizer, _training_state(run, done, tokenizer),
                     opts.keep_checkpoints)
             if step_callback is not None:
                 step_callback(done, record)
+            if stopping:
+                if progress is not None:
+                    progress.close()
+                if procs.main:
+                    print(f"interrupted at step {done}: saved checkpoint "
+                          f"{result.last_checkpoint}\nresume with: {_resume_command(opts, procs)}",
+                          flush=True)
+                raise KeyboardInterrupt
     finally:
+        restore_sigint()
         if progress is not None:
             progress.close()
         if log_handle is not None:
@@ -649,6 +665,78 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
                           f"(last checkpoint: {result.last_checkpoint})")
     procs.barrier()
     return result
+
+
+class _StopRequest:
+    """Ctrl-C during training: the first SIGINT asks the loop to finish its step, save a
+    checkpoint and stop (it exited at once before, losing every step since the last
+    checkpoint); a second one raises KeyboardInterrupt at once, as Python does."""
+
+    def __init__(self, announce: bool = True, below_progress_bar: bool = False) -> None:
+        self.requested = False
+        self.announce = announce
+        self.below_progress_bar = below_progress_bar
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print(f"{chr(10) if self.below_progress_bar else ''}spanbert-fast: interrupt: "
+                  f"saving a checkpoint after this step (Ctrl-C again to quit without it)",
+                  file=sys.stderr, flush=True)
+
+    def install(self) -> Callable[[], None]:
+        """Handle SIGINT (from the main thread only, where Python delivers signals);
+        returns the function that puts the previous handler back."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.signal(signal.SIGINT, self._handle)
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def installed(self):
+        restore = self.install()
+        try:
+            yield self
+        finally:
+            restore()
+
+
+def _stop_agreed(procs: _Processes, stop: _StopRequest, device: torch.device) -> bool:
+    """Whether any process was interrupted: every process stops after the same step (and
+    writes its part of the checkpoint), whichever got the signal first."""
+    if not procs.distributed:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def _resume_command(opts: PretrainOptions, procs: _Processes) -> str:
+    """The command line that continues this run from ``opts.out``: the run's options
+    (defaults left out, --seq-len and --warmup-steps as resolved) and ``--resume OUT``."""
+    launcher = ([PROG] if not procs.distributed else
+                ["torchrun", f"--nproc_per_node={procs.world}", "-m", "spanbert_fast.cli"])
+    args = launcher + ["pretrain", "--corpus", opts.corpus]
+    defaults = PretrainOptions(corpus=opts.corpus, out=opts.out, max_steps=opts.max_steps)
+    skip = {"corpus", "train_tokenizer", "resume", "overwrite", "progress", "adam_beta1",
+            "adam_beta2"}  # the tokenizer comes from the checkpoint
+    for item in dataclasses.fields(PretrainOptions):
+        value = getattr(opts, item.name)
+        if item.name in skip or (value == getattr(defaults, item.name)
+                                 and item.name not in ("out", "max_steps")):
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        if isinstance(value, bool):
+            args += [flag] if value else []
+        else:
+            args += [flag, str(value)]
+    if (opts.adam_beta1, opts.adam_beta2) != (defaults.adam_beta1, defaults.adam_beta2):
+        args += ["--adam-betas", str(opts.adam_beta1), str(opts.adam_beta2)]
+    if not opts.progress:
+        args.append("--quiet")
+    return shlex.join(args + ["--resume", opts.out])
 
 
 # The [UNK] share of the first blocks above which pretrain warns (real English text with
