@@ -215,9 +215,6 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("finetune-qa runs in one process; launch it without torchrun")
     _check_out(opts)
-    if opts.train is not None and opts.out is None:
-        print("spanbert-fast: warning: no --out: the fine-tuned model will not be saved",
-              file=sys.stderr)
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
     check_backend(opts.backend, device)
@@ -251,6 +248,9 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     result = FinetuneQAResult()
     pad_id = tokenizer.pad_id
 
+    if train is not None and opts.out is None:  # said once the input is known to be usable
+        print("spanbert-fast: warning: no --out: the fine-tuned model will not be saved",
+              file=sys.stderr, flush=True)
     if train is not None:
         _, windows, _ = train
         batches_per_epoch = -(-len(windows) // opts.batch_size)
