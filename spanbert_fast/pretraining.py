@@ -288,7 +288,7 @@ def _read_checkpoint(resume_dir: str) -> Dict[str, Any]:
         (state_path, lambda: load_pickle(state_path)),
         (os.path.join(resume_dir, CONFIG_NAMES[0]), lambda: read_config(resume_dir)),
         (os.path.join(resume_dir, SAFETENSORS_NAME), lambda: check_weights(resume_dir)),
-        (os.path.join(resume_dir, "tokenizer.json"), lambda: load_tokenizer(resume_dir)),
+        (os.path.join(resume_dir, TOKENIZER_FILE), lambda: load_tokenizer(resume_dir)),
     ]
     for name in sorted(os.listdir(resume_dir)):
         if re.fullmatch(re.escape(RNG_STATE_FILE).replace(r"\{rank\}", r"\d+"), name):
@@ -682,9 +682,9 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         if self.announce:
-            print(f"{chr(10) if self.below_progress_bar else ''}spanbert-fast: interrupt: "
-                  f"saving a checkpoint after this step (Ctrl-C again to quit without it)",
-                  file=sys.stderr, flush=True)
+            line_break = "\n" if self.below_progress_bar else ""
+            print(f"{line_break}{PROG}: interrupt: saving a checkpoint after this step "
+                  f"(Ctrl-C again to quit without it)", file=sys.stderr, flush=True)
 
     def install(self) -> Callable[[], None]:
         """Handle SIGINT (from the main thread only, where Python delivers signals);
@@ -720,8 +720,10 @@ def _resume_command(opts: PretrainOptions, procs: _Processes) -> str:
                 ["torchrun", f"--nproc_per_node={procs.world}", "-m", "spanbert_fast.cli"])
     args = launcher + ["pretrain", "--corpus", opts.corpus]
     defaults = PretrainOptions(corpus=opts.corpus, out=opts.out, max_steps=opts.max_steps)
+    # Not repeated: --train-tokenizer (the tokenizer comes from the checkpoint) and what is
+    # added below.
     skip = {"corpus", "train_tokenizer", "resume", "overwrite", "progress", "adam_beta1",
-            "adam_beta2"}  # the tokenizer comes from the checkpoint
+            "adam_beta2"}
     for item in dataclasses.fields(PretrainOptions):
         value = getattr(opts, item.name)
         if item.name in skip or (value == getattr(defaults, item.name)
@@ -739,8 +741,8 @@ def _resume_command(opts: PretrainOptions, procs: _Processes) -> str:
     return shlex.join(args + ["--resume", opts.out])
 
 
-# The [UNK] share of the first blocks above which pretrain warns (real English text with
-# a matching BERT vocabulary: ~0.01%; an uncased vocabulary read cased: 4.6%).
+# The [UNK] share of the first blocks above which pretrain warns (an uncased vocabulary
+# read cased gave 4.6% on English text, and on the test corpus).
 UNKNOWN_WARN_SHARE = 0.01
 UNKNOWN_CHECK_BLOCKS = 100
 
