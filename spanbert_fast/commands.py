@@ -60,7 +60,7 @@ def _run_pretrain(args: argparse.Namespace) -> None:
         max_span_words=args.max_span_words, precision=args.precision, device=args.device,
         backend=args.backend, seed=args.seed, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, log_every=args.log_every,
-        progress=not args.quiet))
+        progress=not args.quiet, overwrite=args.overwrite))
 
 
 def _add_pretrain(subparsers) -> None:
@@ -136,6 +136,8 @@ def _add_pretrain(subparsers) -> None:
     run.add_argument("--log-every", type=int, default=10,
                      help="print a log line every N steps (default: 10)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a model already in --out (refused without this)")
     p.set_defaults(handler=_guarded(_run_pretrain))
 
 
@@ -156,7 +158,7 @@ def _run_finetune_qa(args: argparse.Namespace) -> None:
         null_score_diff_threshold=args.null_score_diff_threshold,
         eval_each_epoch=args.eval_each_epoch, seed=args.seed,
         precision=args.precision, device=args.device, backend=args.backend,
-        progress=not args.quiet))
+        progress=not args.quiet, overwrite=args.overwrite))
 
 
 def _add_finetune_qa(subparsers) -> None:
@@ -205,7 +207,11 @@ def _add_finetune_qa(subparsers) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
-    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar or log lines (the final metrics line is printed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model or evaluation results already in --out (refused "
+                        "without this)")
     p.set_defaults(handler=_guarded(_run_finetune_qa))
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, List
+from typing import Any, List, Sequence
 
 __all__ = ["InputError", "read_utf8", "read_json", "list_corpus_files", "check_positive",
-           "check_in_range", "check_regularisation"]
+           "check_in_range", "check_regularisation", "refuse_to_overwrite"]
 
 
 class InputError(ValueError):
@@ -78,6 +78,18 @@ def list_corpus_files(path: str) -> List[str]:
     if not found:
         raise InputError(f"corpus directory {path!r} holds no files")
     return sorted(found)
+
+
+def refuse_to_overwrite(directory: str, names: Sequence[str], what: str,
+                        note: str = "") -> None:
+    """Raise :class:`InputError` when ``--out directory`` already holds any of ``names``
+    (files a run would replace), naming them; ``what`` says what they make up ("a
+    model"), ``note`` is added after it. Called before anything is written."""
+    present = [name for name in names if os.path.exists(os.path.join(directory, name))]
+    if present:
+        raise InputError(f"--out {directory!r} already holds {what}{note} "
+                         f"({', '.join(present)}): pass --overwrite to replace it, or choose "
+                         f"another directory")
 
 
 # Command-line option checks shared by the commands: each raises InputError naming the option.

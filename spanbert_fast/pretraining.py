@@ -26,8 +26,11 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -35,16 +38,19 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .checkpoint import CONFIG_NAMES, SAFETENSORS_NAME, WEIGHT_NAMES
 from .config import SpanBertConfig
 from .corpus import BlockOrder, PackedBlocks, pack_corpus, read_corpus
-from .input_files import InputError, check_positive, check_regularisation, check_in_range
-from .masking import SpanMasker, SpanMaskingCollator
+from .input_files import (InputError, check_positive, check_regularisation, check_in_range,
+                          refuse_to_overwrite)
+from .masking import MAX_SPAN_WORDS_LIMIT, SpanMasker, SpanMaskingCollator
 from .modeling import SpanBertForPreTraining
-from .tokenization import (WordPieceTokenizer, load_tokenizer, tokenizer_from_vocab_file,
-                           train_tokenizer)
-from .training import (adamw_parameter_groups, autocast, make_grad_scaler, resolve_device,
-                       resolve_precision, rng_state, seed_everything, set_rng_state,
-                       warmup_then_decay)
+from .tokenization import (TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, VOCAB_FILE,
+                           WordPieceTokenizer, config_lowercase, load_tokenizer,
+                           tokenizer_from_vocab_file, train_tokenizer)
+from .training import (adamw_parameter_groups, autocast, check_backend, make_grad_scaler,
+                       resolve_device, resolve_precision, rng_state, seed_everything,
+                       set_rng_state, warmup_then_decay)
 
 __all__ = ["PretrainOptions", "PretrainResult", "run_pretraining", "find_checkpoint",
            "CHECKPOINT_PREFIX", "TRAINING_STATE_FILE", "LOG_FILE"]
@@ -53,7 +59,11 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_FILE = "training_state.pt"
 RNG_STATE_FILE = "rng_state_rank{rank}.pt"
 LOG_FILE = "train_log.jsonl"
+# What makes a directory hold a model (any one of them): `pretrain` and `finetune-qa` do
+# not replace these without --overwrite.
+MODEL_FILES = CONFIG_NAMES + WEIGHT_NAMES
 STATE_FORMAT = 1
+PROG = "spanbert-fast"
 # Options that decide which data each step sees and how it is masked: changing any of them
 # on --resume makes the run differ from an uninterrupted one.
 _EXACT_RESUME_OPTIONS = ("seq_len", "batch_size", "seed", "mask_ratio", "geometric_p",
@@ -97,6 +107,7 @@ class PretrainOptions:
     resume: Optional[str] = None
     log_every: int = 10
     progress: bool = True
+    overwrite: bool = False  # replace a model already in ``out`` (else refuse)
 
 
 @dataclass
@@ -187,6 +198,12 @@ def _check_options(opts: PretrainOptions, procs: _Processes) -> None:
                          f"{opts.grad_accum_steps}")
     if not 0.0 < opts.mask_ratio < 1.0:
         raise InputError(f"--mask-ratio must be in (0, 1), got {opts.mask_ratio}")
+    # Checked again by SpanMasker, which is built only after the tokenizer was saved.
+    if not 0.0 < opts.geometric_p <= 1.0:
+        raise InputError(f"--geometric-p must be in (0, 1], got {opts.geometric_p}")
+    if not 1 <= opts.max_span_words <= MAX_SPAN_WORDS_LIMIT:
+        raise InputError(f"--max-span-words must be in [1, {MAX_SPAN_WORDS_LIMIT}], got "
+                         f"{opts.max_span_words}")
     check_regularisation(opts.max_grad_norm, opts.weight_decay)
     if not 0 <= opts.seed < 2**63:
         raise InputError(f"--seed must be in [0, 2^63), got {opts.seed}")
@@ -223,6 +240,71 @@ def find_checkpoint(path: str) -> str:
         raise InputError(f"--resume {path!r} holds no checkpoint ({CHECKPOINT_PREFIX}STEP "
                          f"directory with {TRAINING_STATE_FILE})")
     return found[-1][1]
+
+
+def _resumes_into(resume_dir: Optional[str], out: str) -> bool:
+    """Whether the run resumes from one of ``out``'s own checkpoints (whose final model
+    it then writes again, as the interrupted run would have)."""
+    return (resume_dir is not None and
+            os.path.realpath(os.path.dirname(resume_dir)) == os.path.realpath(out))
+
+
+def _corrupt_checkpoint(resume_dir: str, path: str, err: BaseException) -> InputError:
+    """One line: the file, what is wrong with it, and the checkpoint to resume from instead
+    (the latest earlier one beside it, if any)."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if not isinstance(err, InputError):
+        reason = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+    step = _checkpoint_step(os.path.basename(os.path.normpath(resume_dir)))
+    earlier = [p for s, p in _checkpoints_in(os.path.dirname(os.path.normpath(resume_dir)))
+               if step is not None and s < step]
+    instead = (f"resume from the previous checkpoint instead: --resume {earlier[-1]}" if earlier
+               else "there is no earlier checkpoint beside it: start again without --resume")
+    what = "is missing" if isinstance(err, FileNotFoundError) else "is corrupt or truncated"
+    return InputError(f"checkpoint file {path!r} {what} ({reason}); {instead}")
+
+
+def _read_checkpoint(resume_dir: str) -> Dict[str, Any]:
+    """Read the training state of ``resume_dir`` and check that its other files can be read
+    (the weights' header and size, the config, the tokenizer, every process's RNG file),
+    before anything is written: a checkpoint cut by a full disk or a failed copy gave a
+    traceback deep in the run. Returns the training state."""
+    from .checkpoint import _find_weights_file, read_config, read_state_dict
+
+    def load_pickle(path: str) -> Any:
+        return torch.load(path, weights_only=True)
+
+    def check_weights(directory: str) -> None:
+        path = _find_weights_file(directory)
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as handle:  # the header and the file size
+                handle.keys()
+        else:
+            read_state_dict(path)
+
+    state_path = os.path.join(resume_dir, TRAINING_STATE_FILE)
+    checks: List[Tuple[str, Callable[[], Any]]] = [
+        (state_path, lambda: load_pickle(state_path)),
+        (os.path.join(resume_dir, CONFIG_NAMES[0]), lambda: read_config(resume_dir)),
+        (os.path.join(resume_dir, SAFETENSORS_NAME), lambda: check_weights(resume_dir)),
+        (os.path.join(resume_dir, TOKENIZER_FILE), lambda: load_tokenizer(resume_dir)),
+    ]
+    for name in sorted(os.listdir(resume_dir)):
+        if re.fullmatch(re.escape(RNG_STATE_FILE).replace(r"\{rank\}", r"\d+"), name):
+            path = os.path.join(resume_dir, name)
+            checks.append((path, lambda path=path: load_pickle(path)["rng"]))
+    state = None
+    for path, check in checks:
+        try:
+            value = check()
+        except Exception as err:  # unpickling and safetensors raise many kinds
+            if isinstance(err, FileNotFoundError) and err.filename:
+                path = err.filename
+            raise _corrupt_checkpoint(resume_dir, path, err) from None
+        if path == state_path:
+            state = value
+    return state
 
 
 def _parameter_digest(model: torch.nn.Module) -> str:
@@ -326,10 +408,25 @@ def _given_tokenizer(opts: PretrainOptions, resume_dir: Optional[str]
 
 
 def _vocab_option(path: str, lowercase: bool) -> WordPieceTokenizer:
-    """--vocab: a bare vocab.txt follows --lowercase (it has no casing of its own); a
-    tokenizer.json or a directory says its casing, which --lowercase must not contradict."""
+    """--vocab: a vocab.txt (or a directory with one and no tokenizer.json) takes its casing
+    from the ``tokenizer_config.json`` beside it (``do_lower_case``: an uncased vocabulary
+    read cased turned 4.6% of real English text into [UNK]), and follows --lowercase
+    where there is none; a tokenizer.json says its casing itself. --lowercase must not
+    contradict a casing the files state."""
+    vocab_file = None
     if os.path.isfile(path) and not path.endswith(".json"):
-        return tokenizer_from_vocab_file(path, lowercase=lowercase)
+        vocab_file = path
+    elif (os.path.isdir(path) and not os.path.isfile(os.path.join(path, TOKENIZER_FILE))
+          and os.path.isfile(os.path.join(path, VOCAB_FILE))):
+        vocab_file = os.path.join(path, VOCAB_FILE)
+    if vocab_file is not None:
+        directory = os.path.dirname(vocab_file) or "."
+        stated = config_lowercase(directory)
+        if stated is False and lowercase:
+            raise InputError(f"--lowercase was given but "
+                             f"{os.path.join(directory, TOKENIZER_CONFIG_FILE)!r} says "
+                             f"do_lower_case false for --vocab {path!r}; drop --lowercase")
+        return tokenizer_from_vocab_file(vocab_file, lowercase=lowercase or bool(stated))
     tokenizer = load_tokenizer(path)
     if lowercase and not tokenizer.lowercase:
         raise InputError(f"--lowercase was given but --vocab {path!r} is a cased tokenizer; "
@@ -357,14 +454,11 @@ def run_pretraining(opts: PretrainOptions,
     _check_options(opts, procs)
     device = resolve_device(opts.device, procs.local_rank)
     precision = resolve_precision(opts.precision, device)
+    check_backend(opts.backend, device)
     resume_dir = find_checkpoint(opts.resume) if opts.resume is not None else None
     state: Optional[Dict[str, Any]] = None
     if resume_dir is not None:
-        try:
-            state = torch.load(os.path.join(resume_dir, TRAINING_STATE_FILE), weights_only=True)
-        except Exception as err:  # unpickling raises many kinds; the file is the problem
-            raise InputError(f"checkpoint {resume_dir!r}: cannot read {TRAINING_STATE_FILE} "
-                             f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        state = _read_checkpoint(resume_dir)
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             found = state.get("format") if isinstance(state, dict) else None
             raise InputError(f"checkpoint {resume_dir!r} has training-state format "
@@ -377,7 +471,9 @@ def run_pretraining(opts: PretrainOptions,
         config = _model_config(resume_dir)
     else:
         config = _model_config(opts.config)
-    seq_len = opts.seq_len or min(512, config.max_position_embeddings)
+    seq_len = opts.seq_len  # 0 is refused below, not taken for the default
+    if seq_len is None:
+        seq_len = min(512, config.max_position_embeddings)
     if seq_len < 3 or seq_len > config.max_position_embeddings:
         raise InputError(f"--seq-len must be in [3, {config.max_position_embeddings}] (the "
                          f"model's max_position_embeddings), got {seq_len}")
@@ -387,6 +483,8 @@ def run_pretraining(opts: PretrainOptions,
     if resume_dir is None and _checkpoints_in(opts.out):
         raise InputError(f"--out {opts.out!r} already holds checkpoints of another run: pass "
                          f"--resume {opts.out} to continue it, or choose another directory")
+    if not opts.overwrite and not _resumes_into(resume_dir, opts.out):
+        refuse_to_overwrite(opts.out, MODEL_FILES, "a model")
     tokenizer = _given_tokenizer(opts, resume_dir)
     if procs.main:
         os.makedirs(opts.out, exist_ok=True)
@@ -444,10 +542,13 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
         tokenizer.save(opts.out)
 
     blocks = pack_corpus(corpus, tokenizer, opts.seq_len - 2)
+    unknown = _unknown_token_warning(corpus, blocks, tokenizer)
+    if unknown is not None:
+        _warn(procs, unknown)
     _say(procs, opts, f"corpus: {len(corpus.files)} file(s), {len(corpus.documents)} documents, "
                       f"{blocks.num_tokens:,} tokens in {len(blocks):,} blocks of <= "
                       f"{opts.seq_len} tokens; vocabulary {tokenizer.vocab_size:,} "
-                      f"({tokenizer.source})")
+                      f"({tokenizer.source}{', lowercased' if tokenizer.lowercase else ''})")
 
     seed_everything(opts.seed)
     if resume_dir is None:
@@ -459,7 +560,8 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
     _say(procs, opts, f"model: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
                       f"{n_params / 1e6:.2f}M parameters; {device.type}, {precision}, "
                       f"{procs.world} process(es); global batch {opts.batch_size} x "
-                      f"{opts.seq_len} tokens")
+                      f"{opts.seq_len} tokens (blocks average "
+                      f"{blocks.num_tokens / len(blocks) + 2:.1f} tokens)")
     # Dropout draws differ per process (as they would for more rows in one process).
     torch.manual_seed(opts.seed + 1 + procs.rank)
 
@@ -503,12 +605,21 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
                         dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
     log_handle = (open(os.path.join(opts.out, LOG_FILE), "a", encoding="utf-8")
                   if procs.main else None)
+    # Real (non-padding) tokens since the last log line, against the batch's nominal
+    # batch_size x seq_len: blocks end at document boundaries, so they may be mostly padding.
+    interval_tokens, interval_steps = 0.0, 0
+    capacity = opts.batch_size * opts.seq_len
+    stop = _StopRequest(announce=procs.main, below_progress_bar=progress is not None)
+    restore_sigint = stop.install()
     try:
         for step in range(start_step, opts.max_steps):
             started = time.perf_counter()
             record = _train_step(run, step)
             record["seconds"] = time.perf_counter() - started
             record["tokens_per_second"] = record["tokens"] / max(record["seconds"], 1e-9)
+            record["real_token_share"] = record["tokens"] / capacity
+            interval_tokens += record["tokens"]
+            interval_steps += 1
             result.history.append(record)
             if log_handle is not None:
                 log_handle.write(json.dumps(record) + "\n")
@@ -524,14 +635,26 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
                 _say(procs, opts, f"step {done}/{opts.max_steps}  loss {record['loss']:.4f}  "
                                   f"mlm {record['mlm_loss']:.4f}  sbo {record['sbo_loss']:.4f}  "
                                   f"lr {record['lr']:.2e}  grad-norm {record['grad_norm']:.3f}  "
-                                  f"{record['tokens_per_second']:,.0f} tok/s")
-            if done % opts.save_every == 0 or done == opts.max_steps:
+                                  f"{record['tokens_per_second']:,.0f} tok/s  real tokens "
+                                  f"{100 * interval_tokens / (interval_steps * capacity):.0f}%")
+                interval_tokens, interval_steps = 0.0, 0
+            stopping = _stop_agreed(procs, stop, device) and done < opts.max_steps
+            if done % opts.save_every == 0 or done == opts.max_steps or stopping:
                 result.last_checkpoint = _write_checkpoint(
                     opts.out, done, procs, model, tokenizer, _training_state(run, done, tokenizer),
                     opts.keep_checkpoints)
             if step_callback is not None:
                 step_callback(done, record)
+            if stopping:
+                if progress is not None:
+                    progress.close()
+                if procs.main:
+                    print(f"interrupted at step {done}: saved checkpoint "
+                          f"{result.last_checkpoint}\nresume with: {_resume_command(opts, procs)}",
+                          flush=True)
+                raise KeyboardInterrupt
     finally:
+        restore_sigint()
         if progress is not None:
             progress.close()
         if log_handle is not None:
@@ -542,6 +665,111 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
                           f"(last checkpoint: {result.last_checkpoint})")
     procs.barrier()
     return result
+
+
+class _StopRequest:
+    """Ctrl-C during training: the first SIGINT asks the loop to finish its step, save a
+    checkpoint and stop (it exited at once before, losing every step since the last
+    checkpoint); a second one raises KeyboardInterrupt at once, as Python does."""
+
+    def __init__(self, announce: bool = True, below_progress_bar: bool = False) -> None:
+        self.requested = False
+        self.announce = announce
+        self.below_progress_bar = below_progress_bar
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            line_break = "\n" if self.below_progress_bar else ""
+            print(f"{line_break}{PROG}: interrupt: saving a checkpoint after this step "
+                  f"(Ctrl-C again to quit without it)", file=sys.stderr, flush=True)
+
+    def install(self) -> Callable[[], None]:
+        """Handle SIGINT (from the main thread only, where Python delivers signals);
+        returns the function that puts the previous handler back."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.signal(signal.SIGINT, self._handle)
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def installed(self):
+        restore = self.install()
+        try:
+            yield self
+        finally:
+            restore()
+
+
+def _stop_agreed(procs: _Processes, stop: _StopRequest, device: torch.device) -> bool:
+    """Whether any process was interrupted: every process stops after the same step (and
+    writes its part of the checkpoint), whichever got the signal first."""
+    if not procs.distributed:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def _resume_command(opts: PretrainOptions, procs: _Processes) -> str:
+    """The command line that continues this run from ``opts.out``: the run's options
+    (defaults left out, --seq-len and --warmup-steps as resolved) and ``--resume OUT``."""
+    launcher = ([PROG] if not procs.distributed else
+                ["torchrun", f"--nproc_per_node={procs.world}", "-m", "spanbert_fast.cli"])
+    args = launcher + ["pretrain", "--corpus", opts.corpus]
+    defaults = PretrainOptions(corpus=opts.corpus, out=opts.out, max_steps=opts.max_steps)
+    # Not repeated: --train-tokenizer (the tokenizer comes from the checkpoint) and what is
+    # added below.
+    skip = {"corpus", "train_tokenizer", "resume", "overwrite", "progress", "adam_beta1",
+            "adam_beta2"}
+    for item in dataclasses.fields(PretrainOptions):
+        value = getattr(opts, item.name)
+        if item.name in skip or (value == getattr(defaults, item.name)
+                                 and item.name not in ("out", "max_steps")):
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        if isinstance(value, bool):
+            args += [flag] if value else []
+        else:
+            args += [flag, str(value)]
+    if (opts.adam_beta1, opts.adam_beta2) != (defaults.adam_beta1, defaults.adam_beta2):
+        args += ["--adam-betas", str(opts.adam_beta1), str(opts.adam_beta2)]
+    if not opts.progress:
+        args.append("--quiet")
+    return shlex.join(args + ["--resume", opts.out])
+
+
+# The [UNK] share of the first blocks above which pretrain warns (an uncased vocabulary
+# read cased gave 4.6% on English text, and on the test corpus).
+UNKNOWN_WARN_SHARE = 0.01
+UNKNOWN_CHECK_BLOCKS = 100
+
+
+def _unknown_token_warning(corpus, blocks: PackedBlocks,
+                           tokenizer: WordPieceTokenizer) -> Optional[str]:
+    """A warning when more than 1% of the tokens of the first blocks are [UNK], with the
+    fix: --lowercase when lowercasing removes most of them."""
+    sample = blocks.tokens[:blocks.offsets[min(len(blocks), UNKNOWN_CHECK_BLOCKS)]]
+    share = float((sample == tokenizer.unk_id).mean()) if len(sample) else 0.0
+    if share <= UNKNOWN_WARN_SHARE:
+        return None
+    message = (f"{100 * share:.1f}% of the tokens of the first "
+               f"{min(len(blocks), UNKNOWN_CHECK_BLOCKS)} blocks are [UNK]")
+    if not tokenizer.lowercase:
+        lines = [line for _, line in zip(range(1000), corpus.lines())]
+        lowered = tokenizer.lowercased()
+
+        def unknown_share(tok: WordPieceTokenizer) -> float:
+            ids = [i for row in tok.encode_batch(lines) for i in row]
+            return sum(i == tok.unk_id for i in ids) / max(1, len(ids))
+        cased, uncased = unknown_share(tokenizer), unknown_share(lowered)
+        if uncased < cased / 2:
+            return (f"{message}, {100 * uncased:.1f}% when lowercased: the vocabulary looks "
+                    f"uncased; pass --lowercase (and start again)")
+    return (f"{message}: the vocabulary does not fit the corpus (another language or "
+            f"script?); pass a --vocab made for this text, or --train-tokenizer N")
 
 
 def _random_token_weights(tokenizer: WordPieceTokenizer) -> torch.Tensor:

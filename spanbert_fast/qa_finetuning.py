@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .input_files import InputError, check_positive, check_regularisation
+from .input_files import InputError, check_positive, check_regularisation, refuse_to_overwrite
 from .modeling import SpanBertForQuestionAnswering
 from .squad import (QAWindow, SquadExample, build_windows, evaluate_predictions,
                     extract_answers, read_squad)
 from .tokenization import WordPieceTokenizer, load_tokenizer
-from .training import (adamw_parameter_groups, autocast, make_grad_scaler, resolve_device,
-                       resolve_precision, seed_everything, warmup_then_decay)
+from .training import (adamw_parameter_groups, autocast, check_backend, make_grad_scaler,
+                       resolve_device, resolve_precision, seed_everything, warmup_then_decay)
 
 __all__ = ["FinetuneQAOptions", "FinetuneQAResult", "run_finetune_qa", "load_qa_model"]
 
@@ -62,6 +62,7 @@ class FinetuneQAOptions:
     device: str = "auto"
     backend: str = "auto"
     progress: bool = True
+    overwrite: bool = False  # replace a model or results already in ``out`` (else refuse)
 
 
 @dataclass
@@ -100,6 +101,27 @@ def load_qa_model(path: str, backend: str = "auto") -> Tuple[SpanBertForQuestion
     except ValueError as err:
         raise InputError(f"--model {path!r}: {str(err).splitlines()[0]}") from None
     return model, fresh_head
+
+
+# The result files an evaluation writes into --out.
+RESULT_FILES = ("predictions.json", "null_odds.json", "eval_results.json")
+
+
+def _check_out(opts: FinetuneQAOptions) -> None:
+    """Refuse to replace a model (when training will save one) or earlier results (when
+    evaluating) in ``--out`` without --overwrite; ``--model M --out M`` would replace the
+    pretrained weights with the fine-tuned ones."""
+    if opts.out is None or opts.overwrite:
+        return
+    if opts.train is not None:
+        from .pretraining import MODEL_FILES
+        same = (os.path.exists(opts.model) and os.path.exists(opts.out)
+                and os.path.samefile(opts.model, opts.out))
+        refuse_to_overwrite(opts.out, MODEL_FILES, "a model",
+                            " (it is --model: fine-tuning would replace its weights)"
+                            if same else "")
+    if opts.dev is not None:
+        refuse_to_overwrite(opts.out, RESULT_FILES, "evaluation results")
 
 
 def _batches(windows: Sequence[QAWindow], order: Sequence[int], size: int, pad_id: int,
@@ -192,8 +214,10 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
         raise InputError(f"--warmup-ratio must be in [0, 1), got {opts.warmup_ratio}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("finetune-qa runs in one process; launch it without torchrun")
+    _check_out(opts)
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
+    check_backend(opts.backend, device)
     tokenizer = load_tokenizer(opts.tokenizer or opts.model)
     seed_everything(opts.seed)
     model, fresh_head = load_qa_model(opts.model, backend=opts.backend)
@@ -201,6 +225,9 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     if tokenizer.vocab_size > config.vocab_size:
         raise InputError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
                          f"{opts.model!r} only {config.vocab_size}: they do not belong together")
+    if opts.max_seq_len is not None and opts.max_seq_len < 8:  # 0 is not "the default"
+        raise InputError(f"--max-seq-len must be in [8, {config.max_position_embeddings}] (the "
+                         f"model's max_position_embeddings), got {opts.max_seq_len}")
     max_seq_len = opts.max_seq_len or min(384, config.max_position_embeddings)
     if not 8 <= max_seq_len <= config.max_position_embeddings:
         raise InputError(f"--max-seq-len must be in [8, {config.max_position_embeddings}] (the "
@@ -221,6 +248,9 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     result = FinetuneQAResult()
     pad_id = tokenizer.pad_id
 
+    if train is not None and opts.out is None:  # said once the input is known to be usable
+        print("spanbert-fast: warning: no --out: the fine-tuned model will not be saved",
+              file=sys.stderr, flush=True)
     if train is not None:
         _, windows, _ = train
         batches_per_epoch = -(-len(windows) // opts.batch_size)
@@ -280,8 +310,9 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     if dev is not None:
         result.metrics, result.predictions, null_diffs = _evaluate(
             model, dev[0], dev[1], opts, version_2, pad_id, device, precision)
-        if train is None or not opts.eval_each_epoch:
-            _say(opts, "dev " + _format_metrics(result.metrics))
+        if train is None or not opts.eval_each_epoch or not opts.progress:
+            # The one result of the run: printed under --quiet too, which hid it.
+            print("dev " + _format_metrics(result.metrics), file=sys.stdout, flush=True)
     if opts.out is not None:
         _save_outputs(opts, model, tokenizer, result, null_diffs, version_2)
     return result

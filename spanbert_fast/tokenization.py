@@ -24,6 +24,7 @@ __all__ = [
     "load_tokenizer",
     "train_tokenizer",
     "tokenizer_from_vocab_file",
+    "config_lowercase",
 ]
 
 # BERT's special tokens; every one must be in the vocabulary.
@@ -74,6 +75,12 @@ class WordPieceTokenizer:
     """
 
     def __init__(self, backend, lowercase: bool, source: str) -> None:
+        # The training commands pack, window and pad the token ids themselves. A
+        # tokenizer.json that pads or truncates (sentence-transformers folders pad and cut
+        # to 128) made [PAD] count as text (5x the corpus's tokens in the tests) and cut
+        # every QA context, so both are off for whatever backend is wrapped here.
+        backend.no_padding()
+        backend.no_truncation()
         self.backend = backend
         self.lowercase = bool(lowercase)
         self.source = source
@@ -83,6 +90,12 @@ class WordPieceTokenizer:
             raise InputError(f"vocabulary {source!r} lacks the special token"
                              f"{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                              f"(BERT vocabularies need {' '.join(SPECIAL_TOKENS)})")
+        if set(self._vocab) <= set(SPECIAL_TOKENS):
+            # (Pretraining failed with "unigram must have a positive sum": no token to draw
+            # the random replacements from.)
+            raise InputError(f"vocabulary {source!r} holds only the special tokens "
+                             f"{' '.join(SPECIAL_TOKENS)}; it needs word pieces to tokenize "
+                             f"text")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
             self._vocab[tok] for tok in SPECIAL_TOKENS)
         self.vocab_size = max(self._vocab.values()) + 1
@@ -100,6 +113,11 @@ class WordPieceTokenizer:
             if token.startswith(CONTINUATION_PREFIX) and len(token) > len(CONTINUATION_PREFIX):
                 flags[index] = True
         return flags
+
+    def lowercased(self) -> "WordPieceTokenizer":
+        """The same vocabulary behind BERT's uncased normalisation (lowercase, strip
+        accents): what the tokenizer would give with ``--lowercase``."""
+        return WordPieceTokenizer(_build_pipeline(self._vocab, True), True, self.source)
 
     def id_to_token(self, index: int) -> Optional[str]:
         return self.backend.id_to_token(index)
@@ -217,6 +235,18 @@ def _tokenizer_from_json(path: str) -> WordPieceTokenizer:
     return WordPieceTokenizer(backend, lowercase, path)
 
 
+def config_lowercase(directory: str) -> Optional[bool]:
+    """``do_lower_case`` from the ``tokenizer_config.json`` in ``directory`` (transformers
+    writes one beside every ``vocab.txt``); None when there is none or it does not say."""
+    config_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        return None
+    config = read_json(config_path, "tokenizer config")
+    if not isinstance(config, dict) or "do_lower_case" not in config:
+        return None
+    return bool(config["do_lower_case"])
+
+
 def load_tokenizer(path: str) -> WordPieceTokenizer:
     """A tokenizer from ``tokenizer.json``, a ``vocab.txt``, or a directory holding either
     (``tokenizer.json`` preferred; a lone ``vocab.txt`` is lowercased only when the
@@ -227,12 +257,8 @@ def load_tokenizer(path: str) -> WordPieceTokenizer:
             return _tokenizer_from_json(json_path)
         vocab_path = os.path.join(path, VOCAB_FILE)
         if os.path.isfile(vocab_path):
-            lowercase = False
-            config_path = os.path.join(path, TOKENIZER_CONFIG_FILE)
-            if os.path.isfile(config_path):
-                config = read_json(config_path, "tokenizer config")
-                lowercase = bool(isinstance(config, dict) and config.get("do_lower_case", False))
-            return tokenizer_from_vocab_file(vocab_path, lowercase=lowercase)
+            return tokenizer_from_vocab_file(vocab_path,
+                                             lowercase=bool(config_lowercase(path)))
         raise InputError(f"directory {path!r} holds no {TOKENIZER_FILE} or {VOCAB_FILE}")
     if not os.path.exists(path):
         raise InputError(f"tokenizer {path!r} does not exist")

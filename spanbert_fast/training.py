@@ -4,6 +4,7 @@ seeding, AdamW parameter groups and the learning-rate schedule."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from typing import Dict, List
 
@@ -17,6 +18,7 @@ __all__ = [
     "PRECISIONS",
     "resolve_device",
     "resolve_precision",
+    "check_backend",
     "autocast",
     "make_grad_scaler",
     "seed_everything",
@@ -54,6 +56,29 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return name
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """Raise :class:`InputError` now when ``backend`` (or ``SPANBERT_FAST_BACKEND`` under
+    ``auto``) cannot run the model's ops on ``device``. The model resolves its backend at
+    its first forward, which under the commands came after files were written to --out."""
+    from . import ops
+
+    forced = os.environ.get("SPANBERT_FAST_BACKEND", "").strip()
+    named = (f"SPANBERT_FAST_BACKEND={forced}" if backend == "auto" and forced
+             else f"--backend {backend}")
+    # The model asks with its int64 input_ids, before any float tensor exists.
+    probe = torch.zeros(1, 1, dtype=torch.int64, device=device)
+    for op in ops._TRITON_KERNEL_FILES:  # every op the model dispatches
+        try:
+            ops.resolve_backend(backend, op, [probe])
+        except ops.BackendUnavailableError as err:
+            reasons = [line.strip()[2:] for line in str(err).splitlines()
+                       if line.startswith("  - ")] or [str(err).splitlines()[0]]
+            raise InputError(f"{named} cannot run on {device.type}: {'; '.join(reasons)}; "
+                             f"use --backend torch (or auto)") from None
+        except ValueError as err:  # SPANBERT_FAST_BACKEND is not a backend
+            raise InputError(str(err)) from None
 
 
 def autocast(device: torch.device, precision: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -283,7 +284,14 @@ def test_finetune_reads_a_transformers_bert_checkpoint(tmp_path, capsys):
                                      num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=64)
     transformers.BertForPreTraining(config).save_pretrained(directory)
-    transformers.BertTokenizerFast(vocab_file=VOCAB, do_lower_case=False).save_pretrained(directory)
+    # From a directory: transformers 5 ignores BertTokenizerFast(vocab_file=...) and built a
+    # tokenizer of the 5 special tokens only (now refused by load_tokenizer).
+    os.makedirs(tmp_path / "vocab")
+    shutil.copy(VOCAB, tmp_path / "vocab" / "vocab.txt")
+    hf_tokenizer = transformers.BertTokenizer.from_pretrained(str(tmp_path / "vocab"),
+                                                             do_lower_case=False)
+    assert len(hf_tokenizer) == tokenizer.vocab_size
+    hf_tokenizer.save_pretrained(directory)
     assert main(["finetune-qa", "--model", directory, "--dev", SQUAD, "--out",
                  str(tmp_path / "eval")]) == 0
     printed = capsys.readouterr().out
