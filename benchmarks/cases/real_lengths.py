@@ -9,7 +9,7 @@ every parameter's gradient too.
 
 Shapes: ``encoder-sentences`` draws 16 sentences (64 too in a full run) and pads them to
 the longest, as a tokenizer's ``padding=True`` does; ``encoder-qa-windows`` builds 4
-windows (16 in a full run) padded to 384 tokens (or the model's max_position_embeddings
+windows (8 in a full run) padded to 384 tokens (or the model's max_position_embeddings
 if fewer), as run_squad pads every window. A
 shape's ``seq`` is the padded width; the real-token share is in the row's details.
 """
@@ -157,7 +157,7 @@ SENTENCES_CASE = register_case(Case(
 
 QA_WINDOWS_CASE = register_case(Case(
     name="encoder-qa-windows", group="encoder", modes=("fwd", "fwd+bwd"),
-    shapes=_shapes_for("qa", (4,), (16,)),
+    shapes=_shapes_for("qa", (4,), (8,)),
     build_state=_build_state, build_instance=_instance_for("qa"),
     available=_available,
     description="SpanBertModel (packed / padded layout) vs transformers on SQuAD-style "
