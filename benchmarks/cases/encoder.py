@@ -24,7 +24,8 @@ from .inputs import grad_of, padding_mask, randn, row_lengths, token_ids
 from .peers import (load_weights, ours_from_transformers, shared_parameter_names,
                     transformers_bert)
 
-__all__ = ["ENCODER_CASE", "randomize_vectors", "allow_recompiles"]
+__all__ = ["ENCODER_CASE", "randomize_vectors", "allow_recompiles", "build_encoder_state",
+           "encoder_instance"]
 
 
 def randomize_vectors(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -47,9 +48,13 @@ def allow_recompiles(limit: int = 64) -> None:
             setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
 
 
-def _build_state(ctx) -> Dict[str, Any]:
+def build_encoder_state(ctx, key: str, torch_layouts: Dict[str, str]) -> Dict[str, Any]:
+    """The models every encoder case times, with one set of weights: ``ours-triton``
+    (when its kernels run here), one torch-backend model per ``torch_layouts`` entry
+    (variant name -> layout), transformers eager and sdpa, and on CUDA
+    ``transformers-compile``. ``key`` salts the weights' generator."""
     cfg = ctx.config
-    gen = ctx.generator("encoder", "weights")
+    gen = ctx.generator(key, "weights")
     eager = transformers_bert(cfg, "eager")
     randomize_vectors(eager, gen)
     sdpa = transformers_bert(cfg, "sdpa")
@@ -62,7 +67,10 @@ def _build_state(ctx) -> Dict[str, Any]:
         skipped["ours-triton"] = (ctx.triton_reason("attention") if not ctx.on_cuda else
                                   "no Triton kernel is registered yet (backend 'auto' would "
                                   "equal ours-torch)")
-    models["ours-torch"] = ours_from_transformers(eager, cfg, "torch")
+    for name, layout in torch_layouts.items():
+        model = ours_from_transformers(eager, cfg, "torch")
+        model.layout = layout
+        models[name] = model
     models["transformers-eager"] = eager
     models["transformers-sdpa"] = sdpa
     for model in models.values():
@@ -78,6 +86,49 @@ def _build_state(ctx) -> Dict[str, Any]:
     params = {variant: [dict(owner.named_parameters())[n] for n in names]
               for variant, owner in owners.items()}
     return {"models": models, "params": params, "skipped": skipped}
+
+
+def encoder_instance(state, inputs: List[Dict[str, Any]], lengths: List[int], grad: bool,
+                     ctx, details: Dict[str, Any]) -> Instance:
+    """An :class:`Instance` timing every model of ``state`` on ``inputs`` (dicts of
+    ``ids``, ``mask``, optional ``types``, and ``grad_out`` when ``grad``); parity over
+    real positions against transformers eager, every parameter gradient in fwd+bwd."""
+    cfg = ctx.config
+
+    def variant(name: str):
+        model, params = state["models"][name], state["params"][name]
+
+        def forward(inp):
+            return model(input_ids=inp["ids"], attention_mask=inp["mask"],
+                         token_type_ids=inp.get("types")).last_hidden_state
+
+        if not grad:
+            return forward
+
+        def forward_backward(inp):
+            out = forward(inp)
+            return [out, *grad_of(out, params, inp["grad_out"])]
+
+        return forward_backward
+
+    def real_positions(out, inp):
+        tensors = out if isinstance(out, list) else [out]
+        return [tensors[0][inp["mask"].bool()], *tensors[1:]]
+
+    return Instance(
+        inputs=inputs, variants={name: variant(name) for name in state["models"]},
+        speed_reference="transformers-sdpa", oracle="transformers-eager",
+        oracle_name="transformers-eager", tokens=sum(lengths), bound="compute",
+        flops=formulas.encoder_flops(lengths, cfg.hidden_size, cfg.intermediate_size,
+                                     cfg.num_hidden_layers, backward=grad),
+        parity_view=real_positions, skipped=dict(state["skipped"]),
+        details={"model": ctx.settings.model, "layers": cfg.num_hidden_layers,
+                 "hidden": cfg.hidden_size, **details})
+
+
+def _build_state(ctx) -> Dict[str, Any]:
+    # ours-torch: the torch backend as a user gets it (layout "auto" packs padded shapes).
+    return build_encoder_state(ctx, "encoder", {"ours-torch": "auto"})
 
 
 def _shapes(ctx) -> List[Shape]:
@@ -108,35 +159,7 @@ def _build_instance(state, shape: Shape, mode: str, ctx) -> Instance:
             inp["grad_out"] = randn((shape.batch, shape.seq, cfg.hidden_size), gen, device,
                                     dtype) * keep
         inputs.append(inp)
-
-    def variant(name: str):
-        model, params = state["models"][name], state["params"][name]
-
-        def forward(inp):
-            return model(input_ids=inp["ids"], attention_mask=inp["mask"]).last_hidden_state
-
-        if not grad:
-            return forward
-
-        def forward_backward(inp):
-            out = forward(inp)
-            return [out, *grad_of(out, params, inp["grad_out"])]
-
-        return forward_backward
-
-    def real_positions(out, inp):
-        tensors = out if isinstance(out, list) else [out]
-        return [tensors[0][inp["mask"].bool()], *tensors[1:]]
-
-    return Instance(
-        inputs=inputs, variants={name: variant(name) for name in state["models"]},
-        speed_reference="transformers-sdpa", oracle="transformers-eager",
-        oracle_name="transformers-eager", tokens=sum(lengths), bound="compute",
-        flops=formulas.encoder_flops(lengths, cfg.hidden_size, cfg.intermediate_size,
-                                     cfg.num_hidden_layers, backward=grad),
-        parity_view=real_positions, skipped=dict(state["skipped"]),
-        details={"model": ctx.settings.model, "layers": cfg.num_hidden_layers,
-                 "hidden": cfg.hidden_size})
+    return encoder_instance(state, inputs, lengths, grad, ctx, {})
 
 
 ENCODER_CASE = register_case(Case(

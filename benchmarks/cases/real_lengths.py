@@ -20,13 +20,10 @@ from typing import Any, Dict, List
 
 import torch
 
-from .. import formulas
 from ..registry import Case, Instance, Shape, register_case
 from . import real_text
-from .encoder import allow_recompiles, randomize_vectors
-from .inputs import grad_of, randn
-from .peers import (load_weights, ours_from_transformers, shared_parameter_names,
-                    transformers_bert)
+from .encoder import build_encoder_state, encoder_instance
+from .inputs import randn
 
 __all__ = ["SENTENCES_CASE", "QA_WINDOWS_CASE"]
 
@@ -34,38 +31,8 @@ QA_WINDOW = 384  # run_squad's max_seq_length in the SpanBERT README's SQuAD com
 
 
 def _build_state(ctx) -> Dict[str, Any]:
-    cfg = ctx.config
-    gen = ctx.generator("encoder-real", "weights")
-    eager = transformers_bert(cfg, "eager")
-    randomize_vectors(eager, gen)
-    sdpa = transformers_bert(cfg, "sdpa")
-    load_weights(sdpa, eager)
-    models: Dict[str, torch.nn.Module] = {}
-    skipped: Dict[str, str] = {}
-    if ctx.triton_ops:
-        models["ours-triton"] = ours_from_transformers(eager, cfg, "auto")
-    else:
-        skipped["ours-triton"] = (ctx.triton_reason("attention") if not ctx.on_cuda else
-                                  "no Triton kernel is registered yet")
-    for layout in ("packed", "padded"):
-        model = ours_from_transformers(eager, cfg, "torch")
-        model.layout = layout
-        models[f"ours-{layout}"] = model
-    models["transformers-eager"] = eager
-    models["transformers-sdpa"] = sdpa
-    for model in models.values():
-        model.to(device=ctx.device, dtype=ctx.dtype).eval()
-    owners = dict(models)
-    if ctx.on_cuda:
-        allow_recompiles()
-        models["transformers-compile"] = torch.compile(sdpa)
-        owners["transformers-compile"] = sdpa
-    else:
-        skipped["transformers-compile"] = "CPU run: torch.compile rows are measured on CUDA only"
-    names = shared_parameter_names(*owners.values())
-    params = {variant: [dict(owner.named_parameters())[n] for n in names]
-              for variant, owner in owners.items()}
-    return {"models": models, "params": params, "skipped": skipped, "batches": {}}
+    return build_encoder_state(ctx, "encoder-real", {"ours-packed": "packed",
+                                                     "ours-padded": "padded"})
 
 
 def _draw(kind: str, batch: int, ctx):
@@ -108,38 +75,9 @@ def _instance_for(kind: str):
         # One batch, rotated as copies: the layout decision depends on the lengths, so
         # every timed call sees the same composition (these calls are compute bound).
         inputs = [dict(inp) for _ in range(ctx.inputs_per_row)]
-
-        def variant(name: str):
-            model, params = state["models"][name], state["params"][name]
-
-            def forward(x):
-                return model(input_ids=x["ids"], attention_mask=x["mask"],
-                             token_type_ids=x["types"]).last_hidden_state
-
-            if not grad:
-                return forward
-
-            def forward_backward(x):
-                out = forward(x)
-                return [out, *grad_of(out, params, x["grad_out"])]
-
-            return forward_backward
-
-        def real_positions(out, x):
-            tensors = out if isinstance(out, list) else [out]
-            return [tensors[0][x["mask"].bool()], *tensors[1:]]
-
-        return Instance(
-            inputs=inputs, variants={name: variant(name) for name in state["models"]},
-            speed_reference="transformers-sdpa", oracle="transformers-eager",
-            oracle_name="transformers-eager", tokens=sum(lengths), bound="compute",
-            flops=formulas.encoder_flops(lengths, cfg.hidden_size, cfg.intermediate_size,
-                                         cfg.num_hidden_layers, backward=grad),
-            parity_view=real_positions, skipped=dict(state["skipped"]),
-            details={"model": ctx.settings.model, "layers": cfg.num_hidden_layers,
-                     "hidden": cfg.hidden_size, "text": kind,
-                     "real_tokens_pct": round(100 * sum(lengths) / mask.numel()),
-                     "real_tokens": sum(lengths), "longest": max(lengths)})
+        return encoder_instance(state, inputs, lengths, grad, ctx, {
+            "text": kind, "real_tokens_pct": round(100 * sum(lengths) / mask.numel()),
+            "real_tokens": sum(lengths), "longest": max(lengths)})
     return build
 
 
