@@ -20,10 +20,12 @@ import pytest
 import torch
 
 from spanbert_fast import SpanBertConfig, commands
-from spanbert_fast.masking import SpanMasker, span_length_probabilities
+from spanbert_fast.masking import IGNORE_INDEX, SpanMasker, span_length_probabilities
 from spanbert_fast.pretraining import PretrainOptions
 from test_masking import (
+    CLS,
     MASK,
+    SEP,
     SPECIAL_IDS,
     VOCAB_SIZE,
     check_masking,
@@ -138,6 +140,36 @@ def test_the_defaults_are_spanberts_in_the_masker_the_pretraining_options_and_th
     assert abs(draws.mean() - SPANBERT_MEAN_SPAN_WORDS) < 0.04, (
         f"mean span length {draws.mean():.3f} words with the defaults, SpanBERT's is 3.797")
     assert draws.max() == SPANBERT_MASKING["max_span_words"]
+
+
+# --------------------------------------------------------------------------- anchors
+
+
+@pytest.mark.parametrize("implementation", ["native", "reference"])
+def test_the_anchor_is_drawn_uniformly_over_the_maskable_positions(request, implementation):
+    """2,000 rows ``[CLS] a b [SEP]``, one-word spans, budget ceil(0.15 * 2) = 1: each row
+    masks exactly the word its one anchor lands on, so a and b are each masked
+    Binomial(2000, 1/2) times, 1000 +- 22.4. An anchor draw that never reached the last
+    maskable position was caught only 4.9 standard errors out by the per-row statistics
+    (limit 4.0), and hung the ratio-1.0 test (its redraw loop waited for that position);
+    here it gives 2000 vs 0."""
+    rows = 2000
+    input_ids = torch.tensor([[CLS, 10, 11, SEP]]).repeat(rows, 1)
+    masker = make_masker(is_continuation=None, max_span_words=1)
+    if implementation == "native":
+        request.getfixturevalue("native")
+        labels = masker(input_ids, offsets=list(range(rows))).labels.numpy()
+    else:
+        labels = run_reference(input_ids, None, masker, np.arange(rows))[1]
+    masked = labels != IGNORE_INDEX
+    assert (masked.sum(1) == 1).all(), "the budget is one token per row"
+    assert not masked[:, [0, 3]].any(), "[CLS] and [SEP] are never masked"
+    counts = masked[:, 1:3].sum(0)
+    sd = math.sqrt(rows / 4)
+    # 4 standard deviations (the suite's z limit); a seeded correct sampler sits well inside.
+    assert np.all(np.abs(counts - rows / 2) < 4 * sd), (
+        f"positions a, b masked {counts.tolist()} times in {rows} rows, expected "
+        f"{rows // 2} +- {4 * sd:.0f} each")
 
 
 # --------------------------------------------------------------------------- end to end
