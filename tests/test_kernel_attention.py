@@ -9,6 +9,7 @@ transformers) are marked ``gpu``.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -196,47 +197,106 @@ def test_bf16_in_the_interpreter_is_refused_not_wrong(monkeypatch):
 DROP = 0.1
 
 
-def _recover_keep_mask(batch, heads, seq, seed):
-    """With q = k = 0 every key gets probability 1/seq; with v = identity, out[i, j] is
-    keep(i, j) / (seq * (1 - p)): the kernel's dropout mask, read back exactly."""
-    q = torch.zeros(batch, heads, seq, seq)
-    v = torch.eye(seq).expand(batch, heads, seq, seq).contiguous()
+def _layout_of_lengths(layout, lengths, seq):
+    """``ops.attention`` keyword arguments for sequences of ``lengths`` (at most ``seq``):
+    "dense" (padded layout, no mask; every length is ``seq``), "padded" (right-padding
+    ``key_padding_mask``) or "packed" (``cu_seqlens``, ``max_seqlen``)."""
+    if layout == "packed":
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        return dict(cu_seqlens=cu_seqlens, max_seqlen=seq)
+    if layout == "padded":
+        return dict(key_padding_mask=torch.arange(seq) < torch.tensor(lengths).unsqueeze(1))
+    assert all(n == seq for n in lengths)
+    return {}
+
+
+def _shape_of_layout(layout, lengths, heads, seq, dim):
+    if layout == "packed":
+        return (sum(lengths), heads, dim)
+    return (len(lengths), heads, seq, dim)
+
+
+def _per_sequence(t, layout, lengths):
+    """One ``(heads, rows, dim)`` view per sequence: the packed tensor's slice between its
+    ``cu_seqlens`` (``lengths[b]`` rows), or the padded tensor's batch row (all ``seq``
+    rows: padded query rows exist and attend to the sequence's keys)."""
+    if layout == "packed":
+        bounds = [0, *itertools.accumulate(lengths)]
+        return [t[a:b].transpose(0, 1) for a, b in zip(bounds, bounds[1:])]
+    return list(t.unbind(0))
+
+
+def _recover_keep_mask(layout, lengths, heads, seq, seed):
+    """With q = k = 0 each of a sequence's n keys gets probability 1/n; with v = identity
+    (per sequence), out[i, j] is keep(i, j) / (n * (1 - p)): the kernel's dropout mask,
+    read back exactly. Returns one 0/1 tensor ``(heads, rows, n)`` per sequence."""
+    q = torch.zeros(_shape_of_layout(layout, lengths, heads, seq, seq))
+    v = torch.zeros_like(q)
+    for part, n in zip(_per_sequence(v, layout, lengths), lengths):
+        part[:, :n, :n] = torch.eye(n)  # writes through the view into v
     torch.manual_seed(seed)
-    out = ops.attention(q, q, v, dropout_p=DROP, backend="triton")
-    keep = out * seq * (1 - DROP)
-    assert torch.allclose(keep, keep.round(), atol=1e-4), "dropout must zero or rescale whole entries"
-    return keep.round()
+    out = ops.attention(q, q, v, dropout_p=DROP, backend="triton",
+                        **_layout_of_lengths(layout, lengths, seq))
+    keeps = []
+    for part, n in zip(_per_sequence(out, layout, lengths), lengths):
+        keep = part[:, :, :n] * n * (1 - DROP)
+        assert torch.allclose(keep, keep.round(), atol=1e-4), \
+            "dropout must zero or rescale whole entries"
+        keeps.append(keep.round())
+    return keeps
 
 
 def test_dropout_keeps_the_expected_fraction_and_is_deterministic():
-    keep = _recover_keep_mask(2, 2, 64, seed=7)
+    def recover(seed):
+        return torch.stack(_recover_keep_mask("dense", (64, 64), 2, 64, seed))
+
+    keep = recover(7)
     fraction = keep.mean().item()
     # 16384 Bernoulli(0.9) draws: standard deviation 0.0023; 4.3 sigma = 0.01.
     assert abs(fraction - (1 - DROP)) < 0.01, fraction
-    assert torch.equal(keep, _recover_keep_mask(2, 2, 64, seed=7)), "same seed, same mask"
-    assert not torch.equal(keep, _recover_keep_mask(2, 2, 64, seed=8)), "new seed, new mask"
+    assert torch.equal(keep, recover(7)), "same seed, same mask"
+    assert not torch.equal(keep, recover(8)), "new seed, new mask"
     # Heads and batch rows draw different masks.
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
 
 
-def test_dropout_gradients_match_the_forward_mask():
-    batch, heads, seq, head_dim = 2, 2, 40, 32
-    keep = _recover_keep_mask(batch, heads, seq, seed=11).double()
+DROPOUT_LAYOUTS = [  # layout, lengths: two or more sequences, the later ones shorter
+    ("dense", (40, 40)),
+    ("padded", (40, 23)),
+    ("packed", (40, 37)),  # cu_seqlens (0, 40, 77): sequence 1 starts at token 40
+]
+
+
+@pytest.mark.parametrize("layout, lengths", DROPOUT_LAYOUTS, ids=[c[0] for c in DROPOUT_LAYOUTS])
+def test_dropout_gradients_match_the_forward_mask(layout, lengths):
+    """The backward must regenerate the forward's mask for every sequence. The packed
+    layout is what the model trains with: a backward that keyed the mask on positions in
+    the packed tensor (query + start) instead of in the sequence passed the dense case and
+    gave sequence 1's dq/dk/dv errors of 40-77% here."""
+    heads, seq, head_dim, seed = 2, max(lengths), 32, 11
+    keeps = _recover_keep_mask(layout, lengths, heads, seq, seed)
     generator = torch.Generator().manual_seed(3)
-    q, k, v, dout = (torch.randn(batch, heads, seq, head_dim, generator=generator, dtype=torch.float64)
+    shape = _shape_of_layout(layout, lengths, heads, seq, head_dim)
+    q, k, v, dout = (torch.randn(shape, generator=generator, dtype=torch.float64)
                      for _ in range(4))
     qf, kf, vf = (t.float().requires_grad_(True) for t in (q, k, v))
-    torch.manual_seed(11)  # the seed the mask was read back with
-    out = ops.attention(qf, kf, vf, dropout_p=DROP, backend="triton")
+    torch.manual_seed(seed)  # the seed the mask was read back with
+    out = ops.attention(qf, kf, vf, dropout_p=DROP, backend="triton",
+                        **_layout_of_lengths(layout, lengths, seq))
     out.backward(dout.float())
-    # The same computation with the mask made explicit, differentiated in fp64.
+    # The same computation with each sequence's mask made explicit, differentiated in fp64.
     qd, kd, vd = (t.clone().requires_grad_(True) for t in (q, k, v))
-    probs = torch.softmax(qd @ kd.transpose(-1, -2) / math.sqrt(head_dim), dim=-1)
-    expected = (probs * keep / (1 - DROP)) @ vd
+    outs = []
+    for qs, ks, vs, keep, n in zip(*(_per_sequence(t, layout, lengths) for t in (qd, kd, vd)),
+                                   keeps, lengths):
+        probs = torch.softmax(qs @ ks[:, :n].transpose(-1, -2) / math.sqrt(head_dim), dim=-1)
+        outs.append((probs * keep / (1 - DROP)) @ vs[:, :n])
+    expected = (torch.cat([o.transpose(0, 1) for o in outs]) if layout == "packed"
+                else torch.stack(outs))
     expected.backward(dout)
     for name, g, e in (("out", out, expected), ("dq", qf.grad, qd.grad), ("dk", kf.grad, kd.grad),
                        ("dv", vf.grad, vd.grad)):
-        assert_close(g, e, max_rel=FP32_REL, name=f"dropout {name}")
+        assert_close(g, e, max_rel=FP32_REL, name=f"dropout {layout} {name}")
 
 
 # ---------------------------------------------------------------------------------------

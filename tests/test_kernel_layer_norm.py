@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from spanbert_fast import ops, reference
-from assertions import assert_close, assert_within_2x_of_torch
+from assertions import assert_close, assert_within_2x_of_torch, max_relative_error
 
 layer_norm_kernel = pytest.importorskip("spanbert_fast.kernels.layer_norm")
 
@@ -28,14 +28,16 @@ def _poison_buffers(monkeypatch):
     monkeypatch.setattr(layer_norm_kernel, "POISON_BUFFERS", True)
 
 
-def _inputs(shape, with_residual, seed=0, device="cpu"):
-    """fp64 x, weight, bias, residual (or None) and upstream gradient; never 0/1 values."""
+def _inputs(shape, with_residual, seed=0, device="cpu", scale=1.0):
+    """fp64 x, weight, bias, residual (or None) and upstream gradient; never 0/1 values.
+    ``scale`` multiplies x and residual (the rows' standard deviation is ~2 * scale)."""
     g = torch.Generator().manual_seed(seed)
     hidden = shape[-1]
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2.0 + 0.5
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2.0 + 0.5) * scale
     weight = 1.0 + 0.5 * torch.randn(hidden, generator=g, dtype=torch.float64)
     bias = torch.randn(hidden, generator=g, dtype=torch.float64)
-    residual = torch.randn(shape, generator=g, dtype=torch.float64) if with_residual else None
+    residual = (torch.randn(shape, generator=g, dtype=torch.float64) * scale
+                if with_residual else None)
     dy = torch.randn(shape, generator=g, dtype=torch.float64)
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
     return move(x), move(weight), move(bias), move(residual), move(dy)
@@ -80,6 +82,28 @@ def test_fp32_matches_fp64_oracle(shape, with_residual):
             continue
         assert got.dtype == torch.float32, name
         assert_close(got, expected, max_rel=FP32_REL, name=f"{name} {shape}")
+
+
+TINY = 1e-3  # x * 1e-3: row variance ~4e-6 (5e-6 with the residual)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shape", [(7, 200), (3, 1024), (5, 33)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fp32_rows_of_tiny_variance_use_the_given_eps(shape, with_residual):
+    """On rows of variance ~5 (above), eps only moves y by ~eps / (2 var): a kernel that
+    used eps = 1e-5 instead of 1e-12 stayed within the fp32 tolerance and was caught only
+    in fp64. On rows of variance ~4e-6 the two eps differ by ~2x in y and dx."""
+    tensors = _inputs(shape, with_residual, seed=11, scale=TINY)
+    oracle = _reference_with_grads(*tensors, torch.float64)
+    ours = _kernel_with_grads(*tensors, torch.float32)
+    for name, got, expected in zip(("y",) + GRAD_NAMES, ours, oracle):
+        if expected is not None:
+            assert_close(got, expected, max_rel=FP32_REL, name=f"tiny-variance {name} {shape}")
+    # The rows are small enough for eps to matter: 1e-5 would move y far past tolerance.
+    x, weight, bias, residual, _ = tensors
+    wrong_eps = reference.layer_norm(x, weight, bias, 1e-5, residual)
+    assert max_relative_error(wrong_eps, oracle[0]) > 1000 * FP32_REL
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])

@@ -11,15 +11,21 @@ magnitude.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from spanbert_fast.masking import span_length_probabilities
+from spanbert_fast import SpanBertConfig, commands
+from spanbert_fast.masking import IGNORE_INDEX, SpanMasker, span_length_probabilities
+from spanbert_fast.pretraining import PretrainOptions
 from test_masking import (
+    CLS,
     MASK,
+    SEP,
     SPECIAL_IDS,
     VOCAB_SIZE,
     check_masking,
@@ -97,6 +103,73 @@ def test_drawn_span_lengths_follow_the_clipped_geometric(native, geometric_p, ma
     # Streams are independent of each other: different offsets, different draws.
     by_stream = draws.reshape(100, 1000)
     assert len({row.tobytes() for row in by_stream}) == 100
+
+
+# SpanBERT's masking values (the released pretraining: 15 % of the tokens in spans of
+# Geometric(0.2) words clipped to 1..10, each merged span 80/10/10 [MASK]/random/kept).
+SPANBERT_MASKING = dict(mask_ratio=0.15, geometric_p=0.2, max_span_words=10)
+SPANBERT_REPLACE_PROBS = (0.8, 0.1, 0.1)
+# Mean of Geometric(0.2) clipped to 1..10 and renormalised; sd 2.554 words, so 100k draws
+# have a standard error of 0.008 and the tolerance is 5 of them (p = 0.25 gives 3.403).
+SPANBERT_MEAN_SPAN_WORDS = 3.797
+
+
+def test_the_defaults_are_spanberts_in_the_masker_the_pretraining_options_and_the_cli(native):
+    """Every other test passes the masking parameters explicitly, or compares two
+    implementations that read the same default: a default geometric_p of 0.25 instead of
+    0.2 passed them all. Here nothing is overridden."""
+    masker = SpanMasker(mask_token_id=MASK, vocab_size=VOCAB_SIZE)
+    for name, value in SPANBERT_MASKING.items():
+        assert getattr(masker, name) == value, f"SpanMasker default {name}"
+    assert masker.replace_probs == SPANBERT_REPLACE_PROBS, "SpanMasker default replace_probs"
+    assert masker.max_span_len == SpanBertConfig().sbo_max_targets == 15
+
+    options = {f.name: f.default for f in dataclasses.fields(PretrainOptions)}
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    commands.add_training_commands(subparsers)
+    pretrain = subparsers.choices["pretrain"]  # the CLI's own parser: nothing runs
+    for name, value in SPANBERT_MASKING.items():
+        assert options[name] == value, f"PretrainOptions default {name}"
+        assert pretrain.get_default(name) == value, (
+            f"spanbert-fast pretrain --{name.replace('_', '-')} default")
+
+    # What the default masker draws: 100 streams x 1000 span lengths, no overrides.
+    draws = native.sample_span_lengths(masker.seed, torch.arange(100) * 7919, 1000,
+                                       masker._span_word_thresholds).numpy().ravel()
+    assert span_length_probabilities() == span_length_probabilities(0.2, 10)
+    assert abs(draws.mean() - SPANBERT_MEAN_SPAN_WORDS) < 0.04, (
+        f"mean span length {draws.mean():.3f} words with the defaults, SpanBERT's is 3.797")
+    assert draws.max() == SPANBERT_MASKING["max_span_words"]
+
+
+# --------------------------------------------------------------------------- anchors
+
+
+@pytest.mark.parametrize("implementation", ["native", "reference"])
+def test_the_anchor_is_drawn_uniformly_over_the_maskable_positions(request, implementation):
+    """2,000 rows ``[CLS] a b [SEP]``, one-word spans, budget ceil(0.15 * 2) = 1: each row
+    masks exactly the word its one anchor lands on, so a and b are each masked
+    Binomial(2000, 1/2) times, 1000 +- 22.4. An anchor draw that never reached the last
+    maskable position was caught only 4.9 standard errors out by the per-row statistics
+    (limit 4.0), and hung the ratio-1.0 test (its redraw loop waited for that position);
+    here it gives 2000 vs 0."""
+    rows = 2000
+    input_ids = torch.tensor([[CLS, 10, 11, SEP]]).repeat(rows, 1)
+    masker = make_masker(is_continuation=None, max_span_words=1)
+    if implementation == "native":
+        request.getfixturevalue("native")
+        labels = masker(input_ids, offsets=list(range(rows))).labels.numpy()
+    else:
+        labels = run_reference(input_ids, None, masker, np.arange(rows))[1]
+    masked = labels != IGNORE_INDEX
+    assert (masked.sum(1) == 1).all(), "the budget is one token per row"
+    assert not masked[:, [0, 3]].any(), "[CLS] and [SEP] are never masked"
+    counts = masked[:, 1:3].sum(0)
+    sd = math.sqrt(rows / 4)
+    # 4 standard deviations (the suite's z limit); a seeded correct sampler sits well inside.
+    assert np.all(np.abs(counts - rows / 2) < 4 * sd), (
+        f"positions a, b masked {counts.tolist()} times in {rows} rows, expected "
+        f"{rows // 2} +- {4 * sd:.0f} each")
 
 
 # --------------------------------------------------------------------------- end to end

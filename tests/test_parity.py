@@ -14,7 +14,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import spanbert_fast as sf  # noqa: E402
-from assertions import assert_close  # noqa: E402
+from spanbert_fast import reference  # noqa: E402
+from assertions import assert_close, max_relative_error  # noqa: E402
 
 MAX_REL = 1e-5
 VOCAB, HIDDEN, LAYERS, HEADS, INTER, MAX_POS = 120, 48, 2, 4, 96, 40
@@ -30,12 +31,17 @@ def hf_config(attn: str, **overrides):
     return transformers.BertConfig(**values)
 
 
+# Every LayerNorm's weight is drawn around 1: BERT's and the SBO head's (named as in the
+# release, mlp_layer_norm.layer_norm1/2).
+_LAYER_NORM_WEIGHTS = ("LayerNorm.weight", "layer_norm1.weight", "layer_norm2.weight")
+
+
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.2
-                        + (1.0 if name.endswith("LayerNorm.weight") else 0.0))
+                        + (1.0 if name.endswith(_LAYER_NORM_WEIGHTS) else 0.0))
     return model.eval()
 
 
@@ -167,6 +173,57 @@ def test_pretraining_mlm_parity(tmp_path, attn):
         if name.startswith("cls.pair_target_predictions."):
             assert param.grad is None, f"{name} got a gradient without SBO targets"
     compare_param_grads(ours, hf, skip_prefix="cls.pair_target_predictions.")
+
+
+def test_pretraining_sbo_loss_is_the_oracle_head_on_the_left_and_right_boundaries():
+    """What the SBO loss means, at model level: for a target ``(row, left, right, rel_pos,
+    label)`` the head reads ``h[row, left]`` as the left and ``h[row, right]`` as the right
+    boundary. transformers has no SBO head to compare with, and the backends share the
+    model's call site, so a call site that swapped the two boundaries passed every other
+    test (SBO also learns with swapped boundaries). The expected loss is built here from
+    the oracle's head on boundary rows picked out by hand."""
+    config = sf.SpanBertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                               num_attention_heads=HEADS, intermediate_size=INTER,
+                               max_position_embeddings=MAX_POS)
+    model = randomize(sf.SpanBertForPreTraining(config, backend="torch"), seed=9)
+    input_ids, mask, _, _ = make_batch(seed=3)
+    # Spans inside rows 1 (7 real tokens) and 2 (16): boundary rows differ in every target.
+    targets = torch.tensor([[1, 1, 5, 2, 17],
+                            [2, 3, 12, 0, 44],
+                            [2, 3, 12, 7, 101],
+                            [2, 9, 15, 4, 5]])
+    got = model(input_ids, attention_mask=mask, sbo_targets=targets, return_logits=True)
+
+    row, left, right, rel, label = targets.unbind(1)
+    hidden = model.bert(input_ids, attention_mask=mask).last_hidden_state
+    h_left, h_right = hidden[row, left], hidden[row, right]
+    head = model.cls.pair_target_predictions
+    mlp = head.mlp_layer_norm
+    embeddings = model.bert.embeddings.word_embeddings.weight
+
+    def oracle_loss(first, second):
+        """Cross-entropy of the oracle's head on ``[first; second; p[rel]]`` features."""
+        n = first.shape[0]
+        y = reference.span_boundary_head(
+            torch.cat([first, second]), torch.arange(n), n + torch.arange(n), rel,
+            head.position_embeddings.weight, mlp.linear1.weight, mlp.linear1.bias,
+            mlp.layer_norm1.weight, mlp.layer_norm1.bias, mlp.linear2.weight, mlp.linear2.bias,
+            mlp.layer_norm2.weight, mlp.layer_norm2.bias, config.layer_norm_eps)
+        logits = torch.nn.functional.linear(y, embeddings, head.bias)
+        return logits, torch.nn.functional.cross_entropy(logits, label)
+
+    expected_logits, expected = oracle_loss(h_left, h_right)
+    assert_close(got.sbo_logits, expected_logits, max_rel=MAX_REL, name="sbo_logits")
+    assert_close(got.sbo_loss, expected, max_rel=MAX_REL, name="sbo_loss")
+    # The test can tell the boundaries apart: with them swapped the loss moves far beyond
+    # the tolerance (the model refuses swapped targets, left + 1 + rel_pos < right, so the
+    # swap is applied to the oracle's features).
+    swapped_logits, swapped = oracle_loss(h_right, h_left)
+    # Measured: logits 53% and the loss 4.7% apart, against the 1e-5 tolerance.
+    assert max_relative_error(swapped_logits, expected_logits) > 100 * MAX_REL
+    assert abs(swapped - expected).item() > 100 * MAX_REL * expected.item(), (
+        f"swapping the boundaries must change the loss: {expected.item():.6f} vs "
+        f"{swapped.item():.6f}")
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
