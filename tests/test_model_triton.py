@@ -49,7 +49,8 @@ def test_triton_encoder_matches_torch_backend_and_transformers():
     got = ours(input_ids, output_hidden_states=True, **kwargs)
     via_torch = torch_backend(input_ids, output_hidden_states=True, **kwargs)
     expected = hf(input_ids, output_hidden_states=True, **kwargs)
-    assert ours._runs_packed(input_ids), "backend='triton' must take the padding-free path"
+    # Triton packs every batch, a full one too (valid None, every position real).
+    assert ours._runs_packed(input_ids, None, 1.0), "backend='triton' must take the padding-free path"
     assert_close(got.last_hidden_state, via_torch.last_hidden_state, max_rel=MAX_REL,
                  name="triton vs torch backend")
     assert_close(valid_rows(got.last_hidden_state, mask),
