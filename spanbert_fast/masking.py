@@ -31,7 +31,7 @@ Outputs (:class:`SpanMaskingOutput`):
   [SEP] or padding, as in the original SpanBERT, which masks the block before adding
   [CLS]/[SEP] and gives targets only to spans with a block token on each side);
   ``sbo_special_boundaries=True`` also accepts special tokens as boundaries (any real
-  token; about 1.5% more targets per 512-token block). ``rel_pos = i - s`` and ``label``
+  token; about 1% more targets per 512-token block). ``rel_pos = i - s`` and ``label``
   = the original id at ``left + 1 + rel_pos``.
   **Merged spans longer than max_span_len**: only their first ``max_span_len`` tokens get
   SBO targets (``rel_pos < max_span_len`` always, as the SBO position table of
