@@ -336,7 +336,8 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
                         last_metrics, _, _ = _evaluate(model, dev[0], dev[1], opts, version_2,
                                                        pad_id, device, precision)
                         model.train()
-                        improved = best is None or last_metrics[selection] > best["metrics"][selection]
+                        improved = (best is None or
+                                    last_metrics[selection] > best["metrics"][selection])
                         result.evaluations.append({"step": step, "epoch": epoch,
                                                    "metrics": last_metrics, "best": improved})
                         if improved and opts.keep_best:
@@ -345,8 +346,9 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
                                 for k, v in model.state_dict().items()}}
                         elif improved:
                             best = {"step": step, "metrics": last_metrics}
+                        mark = "  [best]" if improved else ""
                         _say(opts, f"step {step} (epoch {epoch}): dev "
-                                   f"{_format_metrics(last_metrics)}{'  [best]' if improved else ''}")
+                                   f"{_format_metrics(last_metrics)}{mark}")
                 record: Dict[str, Any] = {"epoch": epoch, "steps": step,
                                           "train_loss": float(np.mean(losses)),
                                           "seconds": time.perf_counter() - started}
