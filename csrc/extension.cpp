@@ -179,11 +179,14 @@ TORCH_LIBRARY_FRAGMENT(spanbert_fast, m) {
   // arguments and builds the tables and thresholds. Outputs, int64: the masked ids and the
   // MLM labels (-100 = not masked), (batch, seq) each, and the SBO targets (N, 5) rows
   // (row, left, right, rel_pos, label), by row then position (N depends on the data).
+  // sbo_special_boundaries: false (the original's rule) = a span's two boundaries must be
+  // maskable tokens (never [CLS]/[SEP]); true = any real token.
   m.def(
       "span_masking(Tensor input_ids, Tensor token_flags, Tensor? attention_mask, "
       "Tensor? word_starts, Tensor offsets, Tensor? unigram_cdf, int seed, int mask_token_id, "
       "int mask_ratio_numerator, int mask_ratio_denominator, int[] span_word_thresholds, "
-      "int mask_threshold, int random_threshold, int max_span_len) "
+      "int mask_threshold, int random_threshold, int max_span_len, "
+      "bool sbo_special_boundaries=False) "
       "-> (Tensor masked_ids, Tensor labels, Tensor sbo_targets)");
   // Test-only: the span lengths (in words) that the sampler's own draw function gives the
   // stream (seed, offset), before any merging; (len(offsets), count) int64, CPU.

@@ -23,6 +23,7 @@ struct SpanMaskingArguments {
   int64_t mask_threshold;
   int64_t random_threshold;
   int64_t max_span_len;
+  bool sbo_special_boundaries;
 };
 
 // Checks every argument of span_masking (dtypes, ranks, shapes, devices, ranges of the
@@ -61,7 +62,7 @@ SpanMaskingResult span_masking(
     const std::optional<at::Tensor>& unigram_cdf, int64_t seed, int64_t mask_token_id,
     int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
     c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
-    int64_t max_span_len);
+    int64_t max_span_len, bool sbo_special_boundaries);
 
 #ifdef SBF_WITH_CUDA
 // The CUDA half (extension.cpp), called with the device guard of the inputs held.

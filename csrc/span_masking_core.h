@@ -212,6 +212,9 @@ struct SpanMaskingParams {
   int64_t random_threshold;
   // SBO targets only for rel_pos < max_span_len (the SBO position table's size).
   int64_t max_span_len;
+  // Which positions may be a span's SBO boundary: false (the original SpanBERT) = maskable
+  // tokens only (real and not special, so never [CLS]/[SEP]); true = any real token.
+  bool sbo_special_boundaries;
 };
 
 // Tensors of the sampler, all contiguous (batch, seq) unless said otherwise.
@@ -236,18 +239,31 @@ struct RowScratch {
 
 constexpr int64_t kIgnoreLabel = -100;
 
+// Whether position `i` of row `row` can be an SBO boundary: a real token and, unless
+// params.sbo_special_boundaries, not a special one. Reads token_flags only for rows whose
+// ids mask_row found in range (it runs after pass 1 of the row).
+SBF_HOST_DEVICE inline bool is_sbo_boundary(const SpanMaskingParams& params,
+                                            const SpanMaskingTensors& tensors, int64_t row,
+                                            int64_t i) {
+  const int64_t flat = row * params.seq + i;
+  if (tensors.attention_mask != nullptr && !tensors.attention_mask[flat]) {
+    return false;
+  }
+  return params.sbo_special_boundaries ||
+         (tensors.token_flags[tensors.input_ids[flat]] & kTokenIsSpecial) == 0;
+}
+
 // SBO targets of the merged span [start, end) of row `row`: its first max_span_len tokens
-// when both outer neighbours, start - 1 and end, are real tokens of the row, else none.
-// The one rule that mask_row (counting) and write_sbo_targets (writing) share.
+// when both outer neighbours, start - 1 and end, are SBO boundaries (is_sbo_boundary),
+// else none. The one rule that mask_row (counting) and write_sbo_targets (writing) share.
 SBF_HOST_DEVICE inline int64_t sbo_target_count(const SpanMaskingParams& params,
                                                 const SpanMaskingTensors& tensors, int64_t row,
                                                 int64_t start, int64_t end) {
   if (start < 1 || end >= params.seq) {
     return 0;
   }
-  const bool* mask = tensors.attention_mask;
-  const int64_t base = row * params.seq;
-  if (mask != nullptr && !(mask[base + start - 1] && mask[base + end])) {
+  if (!is_sbo_boundary(params, tensors, row, start - 1) ||
+      !is_sbo_boundary(params, tensors, row, end)) {
     return 0;
   }
   return end - start < params.max_span_len ? end - start : params.max_span_len;
@@ -273,7 +289,7 @@ constexpr uint8_t kPositionIsMasked = 4;
 //   iteration masks at least the anchor's word start, so the loop ends with exactly
 //   `budget` masked tokens. Then each maximal run of masked positions (overlapping and
 //   adjacent spans merged) draws one of [MASK] / random / unchanged, and gets SBO targets
-//   when both outer neighbours are real tokens (rel_pos < max_span_len only).
+//   when both outer neighbours are SBO boundaries (rel_pos < max_span_len only).
 //
 // Draw order of the stream (part of the contract, for bit-identity): per span, the length
 // then the anchor (with its rejections); then per merged span, left to right, the

@@ -162,6 +162,7 @@ core::SpanMaskingParams check_span_masking_inputs(
   params.mask_threshold = arguments.mask_threshold;
   params.random_threshold = arguments.random_threshold;
   params.max_span_len = arguments.max_span_len;
+  params.sbo_special_boundaries = arguments.sbo_special_boundaries;
   return params;
 }
 
@@ -231,11 +232,11 @@ SpanMaskingResult span_masking(
     const std::optional<at::Tensor>& unigram_cdf, int64_t seed, int64_t mask_token_id,
     int64_t mask_ratio_numerator, int64_t mask_ratio_denominator,
     c10::IntArrayRef span_word_thresholds, int64_t mask_threshold, int64_t random_threshold,
-    int64_t max_span_len) {
+    int64_t max_span_len, bool sbo_special_boundaries) {
   const SpanMaskingArguments arguments{
       seed, mask_token_id, mask_ratio_numerator, mask_ratio_denominator,
       std::vector<int64_t>(span_word_thresholds.begin(), span_word_thresholds.end()),
-      mask_threshold, random_threshold, max_span_len};
+      mask_threshold, random_threshold, max_span_len, sbo_special_boundaries};
   PreparedSpanMasking prepared{};
   prepared.params = check_span_masking_inputs(input_ids, token_flags, attention_mask,
                                               word_starts, offsets, unigram_cdf, arguments);

@@ -170,18 +170,148 @@ def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
             f"{type(err).__name__}: {err}") from err
 
 
+class StubbedObject:
+    """An inert stand-in for a pickled object whose class the loader does not trust (e.g.
+    the fairseq ``BertConfig`` inside the original release's ``args``). Building one runs
+    no code of the checkpoint: it keeps the constructor arguments and the pickled state as
+    plain data, and :func:`read_state_dict` never reads them. ``stubbed_name`` is the
+    module-qualified name the pickle asked for."""
+
+    stubbed_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<stubbed {self.stubbed_name}>"
+
+
+# Globals of a pickle that are never stubbed: torch's own (tensor and storage rebuilders,
+# dtypes; the weights-only unpickler checks them) and the containers a state dict is made
+# of. Anything else a checkpoint names becomes a StubbedObject subclass.
+_TRUSTED_GLOBAL_ROOTS = ("torch",)
+_TRUSTED_GLOBALS = ("collections.OrderedDict", "argparse.Namespace")
+# Opcodes that push a string (the operands of STACK_GLOBAL, protocol 4+).
+_STRING_OPCODES = ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
+                   "BINSTRING", "SHORT_BINSTRING")
+
+
+def _globals_in_pickle(stream) -> List[str]:
+    """The ``module.name`` of every GLOBAL / STACK_GLOBAL of the one pickle at the current
+    position of ``stream``, read statically with :mod:`pickletools` (nothing is built)."""
+    import _compat_pickle
+    import pickletools
+
+    found: List[str] = []
+    strings: List[str] = []  # strings pushed so far (and memoised ones), for STACK_GLOBAL
+    memo: Dict[Any, Any] = {}
+    last: Any = None
+    for opcode, arg, _ in pickletools.genops(stream):
+        name = opcode.name
+        if name == "GLOBAL" or name == "INST":
+            module, _, qualname = str(arg).partition(" ")
+            # Python 2 names (protocol 2: __builtin__, copy_reg), mapped as unpicklers do.
+            module, qualname = _compat_pickle.NAME_MAPPING.get(
+                (module, qualname), (_compat_pickle.IMPORT_MAPPING.get(module, module), qualname))
+            found.append(f"{module}.{qualname}")
+        elif name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.append(f"{strings[-2]}.{strings[-1]}")
+        if name in _STRING_OPCODES:
+            last = str(arg)
+            strings.append(last)
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[arg] = last
+        elif name == "MEMOIZE":
+            memo[len(memo)] = last
+        elif name in ("BINGET", "LONG_BINGET", "GET"):
+            last = memo.get(arg)
+            if isinstance(last, str):
+                strings.append(last)
+        else:
+            last = None
+    return found
+
+
+def _pickled_globals(path: str) -> List[str]:
+    """Every global named by a ``torch.save`` file: the zip format's ``data.pkl``, or the
+    legacy format's leading pickles (magic number, protocol, system info, the object)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            if not names:
+                return []
+            with archive.open(names[0]) as stream:
+                return _globals_in_pickle(stream)
+    found: List[str] = []
+    with open(path, "rb") as stream:
+        for _ in range(4):
+            found += _globals_in_pickle(stream)
+    return found
+
+
+def _stubs_for(names: Sequence[str]) -> Dict[str, type]:
+    """A fresh StubbedObject subclass per untrusted global in ``names``."""
+    stubs: Dict[str, type] = {}
+    for full_name in names:
+        root = full_name.split(".", 1)[0]
+        if root in _TRUSTED_GLOBAL_ROOTS or full_name in _TRUSTED_GLOBALS or full_name in stubs:
+            continue
+        module, _, qualname = full_name.rpartition(".")
+        stubs[full_name] = type(qualname or full_name, (StubbedObject,),
+                                {"__module__": module or "?", "stubbed_name": full_name})
+    return stubs
+
+
+def _stubbed_names(obj: Any, seen: Optional[set] = None) -> List[str]:
+    """Names of the StubbedObject classes reachable from ``obj`` (containers walked)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, StubbedObject):
+        return [obj.stubbed_name] + _stubbed_names(vars(obj), seen)
+    if isinstance(obj, Mapping):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = list(obj)
+    elif isinstance(obj, argparse.Namespace):
+        children = list(vars(obj).values())
+    else:
+        return []
+    return [name for child in children for name in _stubbed_names(child, seen)]
+
+
 def _read_torch_pickle(path: str) -> Any:
-    # The fairseq checkpoint stores its command line as an argparse.Namespace next to the
-    # weights; it is a plain attribute bag, safe to allow in the weights-only unpickler.
+    """``torch.load(weights_only=True)``, never ``weights_only=False``. A checkpoint that
+    pickles objects of other classes (the original release's ``model.pt`` keeps its command
+    line, an ``argparse.Namespace`` holding a fairseq ``BertConfig``) is read with each
+    such class replaced by an inert :class:`StubbedObject` subclass: found statically in
+    the pickle, allowed under its own name, so the unpickler builds the stub and runs none
+    of the checkpoint's code. One warning names what was stubbed."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        stubs = _stubs_for(_pickled_globals(path))
+    except Exception:  # not a pickle we can scan: torch.load below reports it
+        stubs = {}
+    try:
+        allowed = [argparse.Namespace] + [(stub, name) for name, stub in stubs.items()]
+        with torch.serialization.safe_globals(allowed):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError from the zip reader, EOFError...
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(
             f"could not read PyTorch checkpoint {path!r} (corrupt, truncated, or holding "
             f"objects other than tensors, which are not unpickled for safety): "
             f"{type(err).__name__}: {reason}") from err
+    stubbed = sorted(set(_stubbed_names(obj)))
+    if stubbed:
+        warnings.warn(f"{path}: read without running pickled code; stubbed "
+                      f"{', '.join(stubbed)} (not needed for the weights)", stacklevel=3)
+    return obj
 
 
 def _as_tensor_dict(obj: Any, path: str) -> Dict[str, torch.Tensor]:
@@ -241,7 +371,9 @@ def read_state_dict(path: "str | os.PathLike[str]") -> Dict[str, torch.Tensor]:
     or a ``*.index.json`` shard index) or a directory holding one; in a directory
     ``model.safetensors`` is preferred over ``pytorch_model.bin``. A fairseq checkpoint's
     ``{"model": state_dict, ...}`` is unwrapped. Pickled files load with
-    ``weights_only=True``.
+    ``weights_only=True``; classes the file pickles besides tensors and containers (the
+    fairseq ``BertConfig`` in the original release's ``args``) are replaced by inert
+    :class:`StubbedObject` stand-ins, never imported or run, and one warning names them.
 
     Raises ``FileNotFoundError`` (naming the path, or what was looked for in a directory)
     and :class:`CheckpointError` for a corrupt or truncated file (naming it and the reason).

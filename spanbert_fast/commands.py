@@ -60,7 +60,9 @@ def _run_pretrain(args: argparse.Namespace) -> None:
         max_span_words=args.max_span_words, precision=args.precision, device=args.device,
         backend=args.backend, seed=args.seed, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, log_every=args.log_every,
-        progress=not args.quiet, overwrite=args.overwrite))
+        progress=not args.quiet, overwrite=args.overwrite, random_tokens=args.random_tokens,
+        weight_decay_params=args.weight_decay_params, long_sentences=args.long_sentences,
+        mask_unk=args.mask_unk, sbo_special_boundaries=args.sbo_special_boundaries))
 
 
 def _add_pretrain(subparsers) -> None:
@@ -105,7 +107,11 @@ def _add_pretrain(subparsers) -> None:
     opt.add_argument("--lr-decay-power", type=float, default=1.0,
                      help="power of the polynomial decay to 0 after warm-up (default: 1, linear)")
     opt.add_argument("--weight-decay", type=float, default=0.01,
-                     help="AdamW weight decay, not applied to biases and LayerNorm (default: 0.01)")
+                     help="decoupled (AdamW) weight decay (default: 0.01)")
+    opt.add_argument("--weight-decay-params", choices=("all", "weights"), default="all",
+                     help="parameters that --weight-decay applies to: all (the original "
+                          "SpanBERT release) or weights = not biases and LayerNorm (BERT's "
+                          "convention) (default: all)")
     opt.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999),
                      metavar=("BETA1", "BETA2"), help="(default: 0.9 0.999)")
     opt.add_argument("--adam-eps", type=float, default=1e-8, help="(default: 1e-8)")
@@ -122,6 +128,19 @@ def _add_pretrain(subparsers) -> None:
     mask.add_argument("--geometric-p", type=float, default=0.2,
                       help="span length in words ~ Geometric(p) (default: 0.2)")
     mask.add_argument("--max-span-words", type=int, default=10, help="(default: 10)")
+    mask.add_argument("--random-tokens", choices=("unigram", "uniform"), default="unigram",
+                      help="the 10%% random replacement tokens: drawn from the corpus's token "
+                           "counts (unigram, the original) or uniformly over the vocabulary "
+                           "minus special tokens (default: unigram)")
+    mask.add_argument("--mask-unk", action=argparse.BooleanOptionalAction, default=True,
+                      help="[UNK] may be masked like any token, as in the original "
+                           "(default: on)")
+    mask.add_argument("--sbo-special-boundaries", action="store_true",
+                      help="also give SBO targets to spans next to [CLS]/[SEP] (the original "
+                           "uses only spans with a real token on both sides)")
+    data.add_argument("--long-sentences", choices=("drop", "cut"), default="drop",
+                      help="a line longer than a block: drop it (the original; the count is "
+                           "logged) or cut it into block-sized pieces (default: drop)")
     run = p.add_argument_group("checkpoints and logging")
     run.add_argument("--out", required=True, metavar="DIR",
                      help="output directory: checkpoint-STEP/ directories, the final model and "
@@ -158,14 +177,19 @@ def _run_finetune_qa(args: argparse.Namespace) -> None:
         null_score_diff_threshold=args.null_score_diff_threshold,
         eval_each_epoch=args.eval_each_epoch, seed=args.seed,
         precision=args.precision, device=args.device, backend=args.backend,
-        progress=not args.quiet, overwrite=args.overwrite))
+        progress=not args.quiet, overwrite=args.overwrite, eval_per_epoch=args.eval_per_epoch,
+        keep_best=args.keep_best, tune_null_threshold=args.tune_null_threshold))
 
 
 def _add_finetune_qa(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune-qa", help="fine-tune and evaluate extractive QA on SQuAD v1.1/v2.0 JSON",
         description="Fine-tune SpanBertForQuestionAnswering on a SQuAD-format file and report "
-                    "exact match and F1 as the official SQuAD evaluation computes them.")
+                    "exact match and F1 as the official SQuAD evaluation computes them. The "
+                    "defaults follow the original SpanBERT's SQuAD commands: 512-token windows, "
+                    "stride 128, lr 2e-5, 4 epochs, batch 32, 10 dev evaluations per epoch "
+                    "keeping the best (by F1; SQuAD 2.0: best_f1 with the no-answer threshold "
+                    "tuned on dev).")
     p.add_argument("--model", required=True, metavar="DIR",
                    help="checkpoint directory (from `pretrain`, a transformers BERT, or the "
                         "SpanBERT release); its tokenizer.json / vocab.txt is used")
@@ -175,20 +199,22 @@ def _add_finetune_qa(subparsers) -> None:
                    help="write the fine-tuned model, tokenizer, predictions.json and "
                         "eval_results.json here")
     p.add_argument("--tokenizer", metavar="PATH",
-                   help="tokenizer.json / vocab.txt / directory (default: the --model directory)")
+                   help="tokenizer.json / vocab.txt / directory (default: the --model "
+                        "directory; the original SpanBERT release has no vocabulary: give "
+                        "BERT's cased vocab.txt)")
     p.add_argument("--squad-version", choices=("auto", "v1", "v2"), default="auto",
                    help="v2 allows 'no answer' predictions (default: auto = v2 when the data "
                         "has is_impossible questions)")
-    p.add_argument("--epochs", type=float, default=2.0, help="(default: 2)")
+    p.add_argument("--epochs", type=float, default=4.0, help="(default: 4)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
     p.add_argument("--eval-batch-size", type=int, default=64, help="(default: 64)")
-    p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default: 3e-5)")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default: 2e-5)")
     p.add_argument("--warmup-ratio", type=float, default=0.1,
                    help="share of the steps spent warming up (default: 0.1)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="(default: 0.01)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="(default: 1.0; 0: no clip)")
     p.add_argument("--max-seq-len", type=int,
-                   help="tokens per window (default: 384, or the model's limit if smaller)")
+                   help="tokens per window (default: 512, or the model's limit if smaller)")
     p.add_argument("--doc-stride", type=int,
                    help="context tokens between the starts of consecutive windows (default: "
                         "128, or half of a window's context part if that is shorter)")
@@ -200,9 +226,20 @@ def _add_finetune_qa(subparsers) -> None:
                    help="start and end candidates per window (default: 20)")
     p.add_argument("--null-score-diff-threshold", type=float, default=0.0,
                    help="v2: answer 'no answer' when null score - best span score exceeds "
-                        "this (default: 0.0)")
+                        "this; exact_match and f1 are reported at it (default: 0.0)")
+    p.add_argument("--tune-null-threshold", action=argparse.BooleanOptionalAction, default=True,
+                   help="v2: also report best_exact / best_f1 with the threshold tuned on "
+                        "--dev, write it to eval_results.json and use it for the predictions "
+                        "(default: on, as the original)")
     p.add_argument("--eval-each-epoch", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate on --dev after every epoch, or only at the end")
+                   help="evaluate on --dev during training (--eval-per-epoch times per "
+                        "epoch), or only at the end")
+    p.add_argument("--eval-per-epoch", type=int, default=10,
+                   help="dev evaluations per epoch, every (batches per epoch // N) batches "
+                        "(default: 10, as the original)")
+    p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True,
+                   help="end with the weights of the best dev evaluation (by f1; v2: best_f1) "
+                        "rather than the last step's (default: on, as the original)")
     p.add_argument("--seed", type=int, default=42, help="(default: 42)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -6,7 +6,11 @@ files in sorted path order.
 
 Packing follows SpanBERT's single-segment ``BlockDataset`` (``break_mode="doc"``): whole
 lines are appended to a block while they fit in ``seq_len - 2`` tokens; a block never
-crosses a document boundary; a line longer than a block is cut into block-sized pieces.
+crosses a document boundary. A line longer than a block is dropped, as the original does
+(it also ends the block being filled, as it does there), and counted in
+:attr:`PackedBlocks.dropped_lines`; ``long_lines="cut"`` cuts it into block-sized pieces
+instead. (The original also loses the block being filled when a document's *last* line
+is too long; we keep that block.)
 Each block is trained as ``[CLS] block [SEP]``; the last block of a document may be
 shorter (batches are padded to their longest row).
 
@@ -79,6 +83,9 @@ class PackedBlocks:
 
     tokens: np.ndarray   # (total,) int32
     offsets: np.ndarray  # (num_blocks + 1,) int64
+    # Lines longer than a block that were dropped (long_lines="drop"), and their tokens.
+    dropped_lines: int = 0
+    dropped_tokens: int = 0
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -90,6 +97,11 @@ class PackedBlocks:
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    def token_counts(self, vocab_size: int) -> np.ndarray:
+        """(vocab_size,) int64: how often each id occurs in the blocks (the corpus unigram
+        the original SpanBERT draws its random replacement tokens from)."""
+        return np.bincount(self.tokens, minlength=vocab_size).astype(np.int64)
+
     def fingerprint(self) -> str:
         """A digest of the blocks: tells whether a resumed run sees the same data."""
         digest = hashlib.sha256(self.offsets.astype("<i8").tobytes())
@@ -97,11 +109,16 @@ class PackedBlocks:
         return digest.hexdigest()[:16]
 
 
-def pack_corpus(corpus: CorpusText, tokenizer, block_len: int) -> PackedBlocks:
+def pack_corpus(corpus: CorpusText, tokenizer, block_len: int,
+                long_lines: str = "drop") -> PackedBlocks:
     """Tokenize ``corpus`` with ``tokenizer`` (a ``WordPieceTokenizer``) and pack it into
-    blocks of at most ``block_len`` tokens (see the module docstring)."""
+    blocks of at most ``block_len`` tokens (see the module docstring). ``long_lines``:
+    ``"drop"`` (the original) or ``"cut"`` a line longer than a block."""
     if block_len < 1:
         raise InputError(f"blocks must hold at least one token, got block length {block_len}")
+    if long_lines not in ("drop", "cut"):
+        raise ValueError(f"long_lines must be 'drop' or 'cut', got {long_lines!r}")
+    dropped_lines = dropped_tokens = 0
     tokens: List[np.ndarray] = []
     lengths: List[int] = []
 
@@ -121,6 +138,10 @@ def pack_corpus(corpus: CorpusText, tokenizer, block_len: int) -> PackedBlocks:
             if current_len + len(line) > block_len and current:
                 emit(current)
                 current, current_len = [], 0
+            if len(line) > block_len and long_lines == "drop":
+                dropped_lines += 1
+                dropped_tokens += len(line)
+                continue
             while len(line) > block_len:  # a line longer than a block: cut it
                 emit([line[:block_len]])
                 line = line[block_len:]
@@ -128,10 +149,15 @@ def pack_corpus(corpus: CorpusText, tokenizer, block_len: int) -> PackedBlocks:
             current_len += len(line)
         emit(current)
     if not lengths:
+        if dropped_lines:
+            raise InputError(f"every line of the corpus is longer than a block of {block_len} "
+                             f"tokens ({dropped_lines} dropped); use a longer --seq-len or "
+                             f"--long-sentences cut")
         raise InputError("the corpus yields no tokens with this vocabulary")
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    return PackedBlocks(np.concatenate(tokens).astype(np.int32, copy=False), offsets)
+    return PackedBlocks(np.concatenate(tokens).astype(np.int32, copy=False), offsets,
+                        dropped_lines=dropped_lines, dropped_tokens=dropped_tokens)
 
 
 class BlockOrder:

@@ -27,15 +27,20 @@ Outputs (:class:`SpanMaskingOutput`):
 * ``sbo_targets`` (N, 5) int64 rows ``(row, left, right, rel_pos, label)``
   (:data:`spanbert_fast.SBO_TARGET_FIELDS`), sorted by row then position: one per masked
   token of every merged span ``s..e`` whose outer boundaries ``left = s - 1`` and
-  ``right = e + 1`` are both real tokens of the row (so ``0 <= left`` and ``right < the
-  row's length`` for right padding; a boundary may be a special token such as [CLS] or
-  [SEP]); ``rel_pos = i - s`` and ``label`` = the original id at ``left + 1 + rel_pos``.
+  ``right = e + 1`` are both maskable tokens of the row (real, not special: never [CLS],
+  [SEP] or padding, as in the original SpanBERT, which masks the block before adding
+  [CLS]/[SEP] and gives targets only to spans with a block token on each side);
+  ``sbo_special_boundaries=True`` also accepts special tokens as boundaries (any real
+  token; about 1% more targets per 512-token block). ``rel_pos = i - s`` and ``label``
+  = the original id at ``left + 1 + rel_pos``.
   **Merged spans longer than max_span_len**: only their first ``max_span_len`` tokens get
   SBO targets (``rel_pos < max_span_len`` always, as the SBO position table of
   ``config.sbo_max_targets`` = 15 entries requires); the rest keep their MLM labels.
 
-Random tokens are drawn uniformly from the whole vocabulary (as BERT does), or from
-``unigram``; give special tokens a zero weight there to keep them out.
+Random tokens are drawn uniformly from the whole vocabulary (as BERT does) unless
+``unigram`` gives weights; the original SpanBERT draws them from the corpus unigram (the
+``pretrain`` command passes the corpus's token counts). Give special tokens a zero weight
+there to keep them out.
 
 Backends. :class:`SpanMasker` runs the compiled op ``torch.ops.spanbert_fast.span_masking``
 (``csrc/``): one sampling core shared by the CPU op (sequences in parallel) and the CUDA
@@ -53,8 +58,8 @@ implementations for torch.compile and ``opcheck``):
 
 * ``span_masking(input_ids, token_flags, attention_mask?, word_starts?, offsets,
   unigram_cdf?, seed, mask_token_id, mask_ratio_numerator, mask_ratio_denominator,
-  span_word_thresholds, mask_threshold, random_threshold, max_span_len) -> (masked_ids,
-  labels, sbo_targets)``: the tables and integer thresholds are what :class:`SpanMasker`
+  span_word_thresholds, mask_threshold, random_threshold, max_span_len,
+  sbo_special_boundaries=False) -> (masked_ids, labels, sbo_targets)``: the tables and integer thresholds are what :class:`SpanMasker`
   builds once (``token_flags`` (vocab,) uint8, bit 0 ``##`` piece, bit 1 special;
   probabilities as ``round(p x 2^32)``). ``sbo_targets`` has a data-dependent length: on
   CUDA the op makes one device-to-host copy (that length and the out-of-range id check).
@@ -365,8 +370,12 @@ class SpanMasker:
         replace_probs: (mask, random, keep) probabilities per merged span (0.8, 0.1, 0.1).
         unigram: ``(vocab_size,)`` non-negative weights for the random tokens, or None
             (uniform over the vocabulary). Turned once into an integer CDF (weights below
-            about 2^-33 of the total may round to 0).
+            about 2^-33 of the total may round to 0). The original SpanBERT draws them from
+            the corpus unigram (token counts of the training data).
         seed: key of every sequence's random stream, in ``[0, 2^63)``.
+        sbo_special_boundaries: False (the original SpanBERT): a merged span gets SBO
+            targets only when both neighbours are maskable tokens (never [CLS]/[SEP]);
+            True: any real token, special ones included, may be a boundary.
 
     The tables live on one device (that of ``is_continuation``, else the CPU); move them
     with :meth:`to` before masking tensors of another device.
@@ -392,7 +401,12 @@ class SpanMasker:
         replace_probs: Sequence[float] = (0.8, 0.1, 0.1),
         unigram: Any = None,
         seed: int = 0,
+        sbo_special_boundaries: bool = False,
     ) -> None:
+        if not isinstance(sbo_special_boundaries, bool):
+            raise TypeError("sbo_special_boundaries must be a bool, got "
+                            f"{type(sbo_special_boundaries).__name__}")
+        self.sbo_special_boundaries = sbo_special_boundaries
         self.vocab_size = _check_int("vocab_size", vocab_size, 1, (1 << 31) - 1)
         self.mask_token_id = _check_int("mask_token_id", mask_token_id, 0, self.vocab_size - 1)
         if (isinstance(special_token_ids, (str, bytes))
@@ -474,6 +488,7 @@ class SpanMasker:
                 f"geometric_p={self.geometric_p}, max_span_words={self.max_span_words}, "
                 f"max_span_len={self.max_span_len}, replace_probs={self.replace_probs}, "
                 f"unigram={'given' if self.unigram is not None else None}, seed={self.seed}, "
+                f"sbo_special_boundaries={self.sbo_special_boundaries}, "
                 f"device={self.device}, sequences_seen={self.sequences_seen})")
 
     # ----------------------------------------------------------------- masking
@@ -539,7 +554,7 @@ class SpanMasker:
                 ids, tables[0], flags_mask, starts, row_offsets, tables[1], self.seed,
                 self.mask_token_id, self._mask_ratio[0], self._mask_ratio[1],
                 self._span_word_thresholds, self._replace_thresholds[0],
-                self._replace_thresholds[1], self.max_span_len)
+                self._replace_thresholds[1], self.max_span_len, self.sbo_special_boundaries)
         except RuntimeError as exc:
             # The op checks the id range while it runs (no extra pass over the ids, no
             # extra sync on CUDA); its error becomes this function's ValueError.
@@ -642,7 +657,8 @@ class SpanMasker:
             geometric_p=self.geometric_p, max_span_words=self.max_span_words,
             max_span_len=self.max_span_len, replace_probs=self.replace_probs,
             unigram=None if self.unigram is None else self.unigram.numpy(),
-            seed=self.seed, offsets=offsets.cpu().numpy())
+            seed=self.seed, offsets=offsets.cpu().numpy(),
+            sbo_special_boundaries=self.sbo_special_boundaries)
         device = input_ids.device
         return SpanMaskingOutput(*(torch.from_numpy(a).to(device)
                                    for a in (masked_ids, labels, sbo_targets)))
@@ -669,7 +685,7 @@ def _register_native_fakes() -> None:
     def span_masking_fake(input_ids, token_flags, attention_mask, word_starts, offsets,
                           unigram_cdf, seed, mask_token_id, mask_ratio_numerator,
                           mask_ratio_denominator, span_word_thresholds, mask_threshold,
-                          random_threshold, max_span_len):
+                          random_threshold, max_span_len, sbo_special_boundaries=False):
         # Device checks like the native op's (a tensor on "meta" among CPU ones lands here).
         for name, tensor in (("token_flags", token_flags), ("attention_mask", attention_mask),
                              ("word_starts", word_starts), ("offsets", offsets),
@@ -837,6 +853,7 @@ def reference_span_masking(
     unigram: Optional[np.ndarray] = None,
     seed: int = 0,
     offsets: Optional[np.ndarray] = None,
+    sbo_special_boundaries: bool = False,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The span-masking algorithm of the module docstring, written for reading: one Python
     loop per sequence over NumPy arrays. It is the statistical oracle of the compiled op
@@ -856,7 +873,8 @@ def reference_span_masking(
     SpanMasker(mask_token_id, vocab_size, is_continuation=is_continuation,
                special_token_ids=special_token_ids, mask_ratio=mask_ratio,
                geometric_p=geometric_p, max_span_words=max_span_words,
-               max_span_len=max_span_len, replace_probs=replace_probs, unigram=unigram, seed=seed)
+               max_span_len=max_span_len, replace_probs=replace_probs, unigram=unigram, seed=seed,
+               sbo_special_boundaries=sbo_special_boundaries)
     input_ids = np.asarray(input_ids, dtype=np.int64)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be 2-D (batch, seq), got shape {input_ids.shape}")
@@ -936,7 +954,8 @@ def reference_span_masking(
                     rng.integers(0, vocab_size, end - start) if random_token_probs is None
                     else rng.choice(vocab_size, size=end - start, p=random_token_probs))
             left, right = start - 1, end
-            if left >= 0 and right < seq and real[row, left] and real[row, right]:
+            boundary = real[row] if sbo_special_boundaries else maskable
+            if left >= 0 and right < seq and boundary[left] and boundary[right]:
                 for rel_pos in range(min(end - start, max_span_len)):
                     sbo_targets.append((row, left, right, rel_pos, int(ids[start + rel_pos])))
     sbo = np.array(sbo_targets, dtype=np.int64).reshape(-1, 5)

@@ -69,7 +69,13 @@ PROG = "spanbert-fast"
 _EXACT_RESUME_OPTIONS = ("seq_len", "batch_size", "seed", "mask_ratio", "geometric_p",
                          "max_span_words", "lr", "warmup_steps", "lr_decay_power",
                          "max_steps", "weight_decay", "adam_beta1", "adam_beta2",
-                         "adam_eps", "max_grad_norm")
+                         "adam_eps", "max_grad_norm", "random_tokens", "weight_decay_params",
+                         "long_sentences", "mask_unk", "sbo_special_boundaries")
+# Choices of the options where the original SpanBERT and BERT's convention differ; the
+# first of each is the original's (the default).
+RANDOM_TOKENS_CHOICES = ("unigram", "uniform")
+WEIGHT_DECAY_PARAMS_CHOICES = ("all", "weights")
+LONG_SENTENCES_CHOICES = ("drop", "cut")
 
 
 @dataclass
@@ -108,6 +114,21 @@ class PretrainOptions:
     log_every: int = 10
     progress: bool = True
     overwrite: bool = False  # replace a model already in ``out`` (else refuse)
+    # Where the original SpanBERT release differs from BERT's conventions (README,
+    # "Differences from the original"); the defaults are the original's.
+    # Random replacement tokens: "unigram" = drawn from the corpus's token counts, as the
+    # original (np.random.choice over the token buffer); "uniform" = uniform over the
+    # vocabulary minus special tokens.
+    random_tokens: str = "unigram"
+    # Decoupled weight decay on "all" parameters, as the release command (fairseq's Adam,
+    # one parameter group); "weights" exempts biases and LayerNorm (BERT's convention).
+    weight_decay_params: str = "all"
+    # A line longer than a block: "drop" it, as the original; or "cut" it into blocks.
+    long_sentences: str = "drop"
+    # [UNK] may be masked, as in the original (its blocks hold no special tokens).
+    mask_unk: bool = True
+    # SBO targets also for spans next to [CLS]/[SEP] (not in the original).
+    sbo_special_boundaries: bool = False
 
 
 @dataclass
@@ -205,6 +226,12 @@ def _check_options(opts: PretrainOptions, procs: _Processes) -> None:
         raise InputError(f"--max-span-words must be in [1, {MAX_SPAN_WORDS_LIMIT}], got "
                          f"{opts.max_span_words}")
     check_regularisation(opts.max_grad_norm, opts.weight_decay)
+    for name, choices in (("random_tokens", RANDOM_TOKENS_CHOICES),
+                          ("weight_decay_params", WEIGHT_DECAY_PARAMS_CHOICES),
+                          ("long_sentences", LONG_SENTENCES_CHOICES)):
+        if getattr(opts, name) not in choices:
+            raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                             f"got {getattr(opts, name)!r}")
     if not 0 <= opts.seed < 2**63:
         raise InputError(f"--seed must be in [0, 2^63), got {opts.seed}")
 
@@ -541,14 +568,15 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
     if procs.main:
         tokenizer.save(opts.out)
 
-    blocks = pack_corpus(corpus, tokenizer, opts.seq_len - 2)
+    blocks = pack_corpus(corpus, tokenizer, opts.seq_len - 2, long_lines=opts.long_sentences)
     unknown = _unknown_token_warning(corpus, blocks, tokenizer)
     if unknown is not None:
         _warn(procs, unknown)
     _say(procs, opts, f"corpus: {len(corpus.files)} file(s), {len(corpus.documents)} documents, "
                       f"{blocks.num_tokens:,} tokens in {len(blocks):,} blocks of <= "
                       f"{opts.seq_len} tokens; vocabulary {tokenizer.vocab_size:,} "
-                      f"({tokenizer.source}{', lowercased' if tokenizer.lowercase else ''})")
+                      f"({tokenizer.source}{', lowercased' if tokenizer.lowercase else ''})"
+                      f"{_dropped_note(blocks)}")
 
     seed_everything(opts.seed)
     if resume_dir is None:
@@ -568,18 +596,21 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
     try:
         masker = SpanMasker(tokenizer.mask_id, tokenizer.vocab_size,
                             is_continuation=tokenizer.is_continuation().to(device),
-                            special_token_ids=tokenizer.special_token_ids,
+                            special_token_ids=_unmaskable_ids(tokenizer, opts.mask_unk),
                             mask_ratio=opts.mask_ratio, geometric_p=opts.geometric_p,
                             max_span_words=opts.max_span_words,
                             max_span_len=config.sbo_max_targets,
-                            unigram=_random_token_weights(tokenizer), seed=opts.seed)
+                            unigram=_random_token_weights(tokenizer, blocks, opts.random_tokens),
+                            seed=opts.seed, sbo_special_boundaries=opts.sbo_special_boundaries)
     except (TypeError, ValueError) as err:  # --geometric-p, --max-span-words out of range
         raise InputError(f"span masking options: {err}") from None
     train_model: torch.nn.Module = model
     if procs.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(adamw_parameter_groups(model, opts.weight_decay), lr=opts.lr,
+    groups = adamw_parameter_groups(model, opts.weight_decay,
+                                    exempt_norm_and_bias=opts.weight_decay_params == "weights")
+    optimizer = torch.optim.AdamW(groups, lr=opts.lr,
                                   betas=(opts.adam_beta1, opts.adam_beta2), eps=opts.adam_eps)
     run = _Run(opts=opts, procs=procs, device=device, precision=precision, blocks=blocks,
                order=BlockOrder(len(blocks), opts.seed),
@@ -731,7 +762,8 @@ def _resume_command(opts: PretrainOptions, procs: _Processes) -> str:
             continue
         flag = "--" + item.name.replace("_", "-")
         if isinstance(value, bool):
-            args += [flag] if value else []
+            # A switch on by default (--mask-unk) is turned off with its --no- form.
+            args.append(flag if value else "--no-" + flag[2:])
         else:
             args += [flag, str(value)]
     if (opts.adam_beta1, opts.adam_beta2) != (defaults.adam_beta1, defaults.adam_beta2):
@@ -772,11 +804,32 @@ def _unknown_token_warning(corpus, blocks: PackedBlocks,
             f"script?); pass a --vocab made for this text, or --train-tokenizer N")
 
 
-def _random_token_weights(tokenizer: WordPieceTokenizer) -> torch.Tensor:
-    """The 10% random replacements draw uniformly from the vocabulary minus special tokens."""
+def _random_token_weights(tokenizer: WordPieceTokenizer, blocks: PackedBlocks,
+                          mode: str = "unigram") -> torch.Tensor:
+    """(vocab_size,) float64 weights of the 10% random replacement tokens. "unigram" (the
+    original): each id's count in the packed corpus, so rare pieces and unused entries are
+    (almost) never drawn; [CLS]/[SEP] never occur inside blocks, and [UNK] as often as in
+    the text. "uniform": every id but the special tokens alike."""
+    if mode == "unigram":
+        return torch.from_numpy(blocks.token_counts(tokenizer.vocab_size)).double()
     weights = torch.ones(tokenizer.vocab_size, dtype=torch.float64)
     weights[tokenizer.special_token_ids] = 0.0
     return weights
+
+
+def _dropped_note(blocks: PackedBlocks) -> str:
+    """The corpus log line's count of lines dropped for being longer than a block."""
+    if not blocks.dropped_lines:
+        return ""
+    return (f"; dropped {blocks.dropped_lines:,} line(s) longer than a block "
+            f"({blocks.dropped_tokens:,} tokens), as the original does (--long-sentences cut "
+            f"keeps them)")
+
+
+def _unmaskable_ids(tokenizer: WordPieceTokenizer, mask_unk: bool) -> List[int]:
+    """The ids never masked: the special tokens, less [UNK] when it may be masked (the
+    original masks any token of a block, [UNK] included)."""
+    return [i for i in tokenizer.special_token_ids if not (mask_unk and i == tokenizer.unk_id)]
 
 
 def _micro_batch_examples(run: _Run, step: int, micro_index: int) -> List[Dict[str, Any]]:

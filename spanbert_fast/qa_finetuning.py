@@ -5,7 +5,14 @@ The model starts from any checkpoint directory :class:`SpanBertForQuestionAnswer
 read (one written by ``spanbert-fast pretrain``, a transformers BERT directory, the
 original SpanBERT release); a checkpoint without a QA head gets a fresh one. The
 tokenizer is read from the same directory (``tokenizer.json`` or ``vocab.txt``) unless
-``--tokenizer`` names another.
+``--tokenizer`` names another (the original release ships no vocabulary: pass
+``--tokenizer`` with BERT's cased ``vocab.txt`` there).
+
+The defaults are the original SpanBERT's SQuAD protocol (its README's ``run_squad.py``
+commands): windows of 512 tokens with a stride of 128, lr 2e-5, 4 epochs, batch 32, the
+dev set evaluated ``eval_per_epoch`` = 10 times per epoch and the best evaluation's weights
+kept (by F1; for SQuAD 2.0 by ``best_f1``, the F1 with the no-answer threshold tuned on
+dev, which is also the threshold the predictions use).
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ import torch
 from . import checkpoint
 from .input_files import InputError, check_positive, check_regularisation, refuse_to_overwrite
 from .modeling import SpanBertForQuestionAnswering
-from .squad import (QAWindow, SquadExample, build_windows, evaluate_predictions,
-                    extract_answers, read_squad)
+from .squad import (QAWindow, SquadExample, best_null_threshold, build_windows,
+                    evaluate_predictions, extract_answers, read_squad)
 from .tokenization import WordPieceTokenizer, load_tokenizer
 from .training import (adamw_parameter_groups, autocast, check_backend, make_grad_scaler,
                        resolve_device, resolve_precision, seed_everything, warmup_then_decay)
@@ -42,10 +49,12 @@ class FinetuneQAOptions:
     dev: Optional[str] = None
     out: Optional[str] = None
     tokenizer: Optional[str] = None
-    epochs: float = 2.0
+    # The original's SQuAD protocol (README commands of run_squad.py): 4 epochs, lr 2e-5,
+    # batch 32, 512-token windows (max_seq_len None = 512 or the model's limit).
+    epochs: float = 4.0
     batch_size: int = 32
     eval_batch_size: int = 64
-    lr: float = 3e-5
+    lr: float = 2e-5
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -63,13 +72,25 @@ class FinetuneQAOptions:
     backend: str = "auto"
     progress: bool = True
     overwrite: bool = False  # replace a model or results already in ``out`` (else refuse)
+    # Dev evaluations per epoch while training (every batches_per_epoch // N batches, as
+    # run_squad.py's --eval_per_epoch, default 10); with keep_best the final model is the
+    # best-scoring evaluation's (f1; best_f1 for SQuAD 2.0 with a tuned threshold).
+    eval_per_epoch: int = 10
+    keep_best: bool = True
+    # SQuAD 2.0: also report best_exact / best_f1 with the no-answer threshold tuned on dev
+    # and use the best_f1 threshold for the predictions (exact_match / f1 stay at
+    # null_score_diff_threshold).
+    tune_null_threshold: bool = True
 
 
 @dataclass
 class FinetuneQAResult:
-    """Per-epoch training loss and dev metrics, the final dev metrics and predictions."""
+    """Per-epoch training loss and dev metrics, the final dev metrics and predictions;
+    ``evaluations``: every dev evaluation during training (step, epoch, metrics)."""
 
     epochs: List[Dict[str, float]] = field(default_factory=list)
+    evaluations: List[Dict[str, Any]] = field(default_factory=list)
+    best_step: Optional[int] = None  # the step whose weights were kept (keep_best)
     metrics: Optional[Dict[str, float]] = None
     predictions: Optional[Dict[str, str]] = None
 
@@ -165,18 +186,57 @@ def _evaluate(model, examples: List[SquadExample], windows: List[QAWindow],
               opts: FinetuneQAOptions, version_2: bool, pad_id: int, device: torch.device,
               precision: str) -> Tuple[Dict[str, float], Dict[str, str], Dict[str, float]]:
     starts, ends = _predict(model, windows, opts, pad_id, device, precision)
-    predictions, null_diffs = extract_answers(
+    # The best span of every question, whatever its null score; thresholds applied below.
+    spans, null_diffs = extract_answers(
         examples, windows, starts, ends, n_best=opts.n_best, max_answer_len=opts.max_answer_len,
-        version_2=version_2, null_score_diff_threshold=opts.null_score_diff_threshold)
-    return evaluate_predictions(examples, predictions), predictions, null_diffs
+        version_2=version_2, null_score_diff_threshold=math.inf)
+    predictions = (_with_null_threshold(spans, null_diffs, opts.null_score_diff_threshold)
+                   if version_2 else spans)
+    metrics = evaluate_predictions(examples, predictions)
+    if version_2 and opts.tune_null_threshold:
+        for metric, name in (("exact_match", "best_exact"), ("f1", "best_f1")):
+            metrics[name], metrics[f"{name}_thresh"] = best_null_threshold(
+                examples, spans, null_diffs, metric)
+        predictions = _with_null_threshold(spans, null_diffs, metrics["best_f1_thresh"])
+    return metrics, predictions, null_diffs
+
+
+def _with_null_threshold(spans: Dict[str, str], null_diffs: Dict[str, float],
+                         threshold: float) -> Dict[str, str]:
+    """"" for every question whose null score - best span score exceeds ``threshold``."""
+    return {qid: ("" if null_diffs.get(qid, math.inf) > threshold else text)
+            for qid, text in spans.items()}
+
+
+def _selection_metric(opts: FinetuneQAOptions, version_2: bool) -> str:
+    """The dev metric that picks the best evaluation (run_squad.py's --eval_metric of the
+    original README: f1 for SQuAD 1.1, best_f1 for 2.0)."""
+    return "best_f1" if version_2 and opts.tune_null_threshold else "f1"
 
 
 def _format_metrics(metrics: Dict[str, float]) -> str:
     text = f"EM {metrics['exact_match']:.2f}  F1 {metrics['f1']:.2f}  ({metrics['total']} questions"
+    if "best_f1" in metrics:
+        text += (f"; tuned no-answer threshold {metrics['best_f1_thresh']:.3f}: best EM "
+                 f"{metrics['best_exact']:.2f} best F1 {metrics['best_f1']:.2f}")
     if "HasAns_total" in metrics:
         text += (f"; answerable EM {metrics['HasAns_exact']:.2f} F1 {metrics['HasAns_f1']:.2f}, "
                  f"unanswerable EM {metrics['NoAns_exact']:.2f}")
     return text + ")"
+
+
+def _load_qa_tokenizer(opts: FinetuneQAOptions) -> WordPieceTokenizer:
+    """--tokenizer, else the --model directory's tokenizer; the original SpanBERT release
+    has none (its tarball holds config.json and pytorch_model.bin only), so say what to
+    pass instead of only that the file is missing."""
+    if opts.tokenizer is not None:
+        return load_tokenizer(opts.tokenizer)
+    try:
+        return load_tokenizer(opts.model)
+    except InputError as err:
+        raise InputError(f"{err}: --model has no tokenizer; the original SpanBERT release "
+                         f"ships none, so pass --tokenizer with BERT's cased vocabulary "
+                         f"(bert-base-cased's vocab.txt, 28996 entries)") from None
 
 
 def _load_split(path: str, tokenizer: WordPieceTokenizer, opts: FinetuneQAOptions,
@@ -210,6 +270,10 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     for name in ("epochs", "lr"):
         check_positive(name, getattr(opts, name))
     check_regularisation(opts.max_grad_norm, opts.weight_decay)
+    if isinstance(opts.eval_per_epoch, bool) or not isinstance(opts.eval_per_epoch, int) \
+            or opts.eval_per_epoch < 1:
+        raise InputError(f"--eval-per-epoch must be a positive integer (use --no-eval-each-epoch "
+                         f"to evaluate only at the end), got {opts.eval_per_epoch!r}")
     if not 0.0 <= opts.warmup_ratio < 1.0:
         raise InputError(f"--warmup-ratio must be in [0, 1), got {opts.warmup_ratio}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -218,7 +282,7 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
     check_backend(opts.backend, device)
-    tokenizer = load_tokenizer(opts.tokenizer or opts.model)
+    tokenizer = _load_qa_tokenizer(opts)
     seed_everything(opts.seed)
     model, fresh_head = load_qa_model(opts.model, backend=opts.backend)
     config = model.config
@@ -228,7 +292,7 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     if opts.max_seq_len is not None and opts.max_seq_len < 8:  # 0 is not "the default"
         raise InputError(f"--max-seq-len must be in [8, {config.max_position_embeddings}] (the "
                          f"model's max_position_embeddings), got {opts.max_seq_len}")
-    max_seq_len = opts.max_seq_len or min(384, config.max_position_embeddings)
+    max_seq_len = opts.max_seq_len or min(512, config.max_position_embeddings)
     if not 8 <= max_seq_len <= config.max_position_embeddings:
         raise InputError(f"--max-seq-len must be in [8, {config.max_position_embeddings}] (the "
                          f"model's max_position_embeddings), got {max_seq_len}")
@@ -265,6 +329,11 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
             from tqdm import tqdm
             progress = tqdm(total=total_steps, desc="finetune-qa", unit="step",
                             dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+        # Dev evaluations every eval_step batches of an epoch, as run_squad.py does.
+        evaluating = dev is not None and opts.eval_each_epoch
+        eval_step = max(1, batches_per_epoch // opts.eval_per_epoch)
+        selection = _selection_metric(opts, version_2)
+        best: Optional[Dict[str, Any]] = None  # the best evaluation and its weights (CPU)
         step, epoch = 0, 0
         try:
             while step < total_steps:
@@ -272,8 +341,10 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
                 model.train()
                 order = torch.randperm(len(windows), generator=generator).tolist()
                 losses = []
+                last_metrics: Optional[Dict[str, float]] = None
                 started = time.perf_counter()
-                for batch in _batches(windows, order, opts.batch_size, pad_id, device, True):
+                for batch_index, batch in enumerate(
+                        _batches(windows, order, opts.batch_size, pad_id, device, True)):
                     if step >= total_steps:
                         break
                     with autocast(device, precision):
@@ -291,26 +362,47 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
                     if progress is not None:
                         progress.set_postfix_str(f"loss {losses[-1]:.3f}", refresh=False)
                         progress.update(1)
+                    if evaluating and (batch_index + 1) % eval_step == 0:
+                        last_metrics, _, _ = _evaluate(model, dev[0], dev[1], opts, version_2,
+                                                       pad_id, device, precision)
+                        model.train()
+                        improved = (best is None or
+                                    last_metrics[selection] > best["metrics"][selection])
+                        result.evaluations.append({"step": step, "epoch": epoch,
+                                                   "metrics": last_metrics, "best": improved})
+                        if improved and opts.keep_best:
+                            best = {"step": step, "metrics": last_metrics, "weights": {
+                                k: v.detach().to("cpu", copy=True)
+                                for k, v in model.state_dict().items()}}
+                        elif improved:
+                            best = {"step": step, "metrics": last_metrics}
+                        mark = "  [best]" if improved else ""
+                        _say(opts, f"step {step} (epoch {epoch}): dev "
+                                   f"{_format_metrics(last_metrics)}{mark}")
                 record: Dict[str, Any] = {"epoch": epoch, "steps": step,
                                           "train_loss": float(np.mean(losses)),
                                           "seconds": time.perf_counter() - started}
                 message = f"epoch {epoch}: train loss {record['train_loss']:.4f}"
-                if dev is not None and opts.eval_each_epoch:
-                    metrics, _, _ = _evaluate(model, dev[0], dev[1], opts, version_2, pad_id,
-                                              device, precision)
-                    record.update({"exact_match": metrics["exact_match"], "f1": metrics["f1"]})
-                    message += "  dev " + _format_metrics(metrics)
+                if last_metrics is not None:  # the epoch's last evaluation
+                    record.update({"exact_match": last_metrics["exact_match"],
+                                   "f1": last_metrics["f1"]})
                 result.epochs.append(record)
                 _say(opts, message)
         finally:
             if progress is not None:
                 progress.close()
+        if best is not None and "weights" in best:
+            model.load_state_dict(best["weights"])
+            result.best_step = best["step"]
+            _say(opts, f"kept the best dev evaluation's weights: step {best['step']}, "
+                       f"{selection} {best['metrics'][selection]:.2f}")
 
     null_diffs: Dict[str, float] = {}
     if dev is not None:
         result.metrics, result.predictions, null_diffs = _evaluate(
             model, dev[0], dev[1], opts, version_2, pad_id, device, precision)
-        if train is None or not opts.eval_each_epoch or not opts.progress:
+        if (train is None or not opts.eval_each_epoch or result.best_step is not None
+                or not opts.progress):
             # The one result of the run: printed under --quiet too, which hid it.
             print("dev " + _format_metrics(result.metrics), file=sys.stdout, flush=True)
     if opts.out is not None:
@@ -339,5 +431,7 @@ def _save_outputs(opts: FinetuneQAOptions, model, tokenizer: WordPieceTokenizer,
         if version_2:  # JSON has no infinity: null for questions without a candidate span
             write_json("null_odds.json", {k: (v if math.isfinite(v) else None)
                                           for k, v in null_diffs.items()})
-        write_json("eval_results.json", {"metrics": result.metrics, "epochs": result.epochs})
+        write_json("eval_results.json", {"metrics": result.metrics, "epochs": result.epochs,
+                                         "evaluations": result.evaluations,
+                                         "best_step": result.best_step})
     _say(opts, f"wrote {opts.out}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import re
 import string
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ __all__ = [
     "read_squad",
     "build_windows",
     "extract_answers",
+    "best_null_threshold",
     "normalize_answer",
     "exact_match_score",
     "f1_score",
@@ -406,3 +408,37 @@ def evaluate_predictions(examples: Iterable[SquadExample],
             result[f"{name}_f1"] = mean(groups[name], 1)
             result[f"{name}_total"] = len(groups[name])
     return result
+
+
+def best_null_threshold(examples: Iterable[SquadExample], predictions: Dict[str, str],
+                        null_diffs: Dict[str, float], metric: str = "f1"
+                        ) -> Tuple[float, float]:
+    """SQuAD 2.0's tuned no-answer threshold: ``(best score 0..100, threshold)``.
+
+    ``predictions`` are the best non-null spans (no threshold applied) and ``null_diffs``
+    the null score - best span score of each question (:func:`extract_answers`). A question
+    is answered "" when its difference exceeds the threshold; the threshold is chosen among
+    the differences to maximise the total ``metric`` ("exact_match" or "f1") over the
+    questions, the first maximum in increasing order winning. Answering "" to every
+    question is the starting point; when nothing beats it, the threshold is just below the
+    smallest difference. Questions without any candidate span (difference +inf) always
+    answer "".
+    """
+    if metric not in ("exact_match", "f1"):
+        raise ValueError(f"metric must be 'exact_match' or 'f1', got {metric!r}")
+    score_of = exact_match_score if metric == "exact_match" else f1_score
+    examples = [e for e in examples if e.qas_id in predictions]
+    if not examples:
+        return 0.0, 0.0
+    # Start from "" everywhere: a point for every unanswerable question.
+    score = best = float(sum(e.is_impossible for e in examples))
+    finite = sorted((null_diffs.get(e.qas_id, math.inf), k) for k, e in enumerate(examples))
+    finite = [(d, k) for d, k in finite if math.isfinite(d)]
+    threshold = finite[0][0] - 1.0 if finite else 0.0
+    for diff, k in finite:  # answering every question whose difference is <= diff
+        example = examples[k]
+        answered = max(score_of(predictions[example.qas_id], g) for g in _gold_answers(example))
+        score += answered - float(example.is_impossible)
+        if score > best:
+            best, threshold = score, diff
+    return 100.0 * best / len(examples), threshold

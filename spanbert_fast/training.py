@@ -128,9 +128,14 @@ def set_rng_state(state: Dict[str, object]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def adamw_parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, object]]:
-    """Two AdamW groups, as BERT trains: weight decay on weight matrices and embeddings,
-    none on biases and LayerNorm parameters. Tied parameters appear once."""
+def adamw_parameter_groups(model: nn.Module, weight_decay: float,
+                           exempt_norm_and_bias: bool = True) -> List[Dict[str, object]]:
+    """Two AdamW groups: weight matrices and embeddings, then biases and LayerNorm
+    parameters. With ``exempt_norm_and_bias`` (BERT's convention, and the original SpanBERT
+    fine-tuning code's) the second group gets no weight decay; without it (the original
+    SpanBERT pretraining command: fairseq's Adam decays every parameter) both groups get
+    ``weight_decay``, and the two groups keep optimizer states interchangeable. Tied
+    parameters appear once."""
     no_decay_ids = set()
     for module in model.modules():
         is_layer_norm = isinstance(module, nn.LayerNorm) or type(module).__name__ == "LayerNorm"
@@ -142,7 +147,7 @@ def adamw_parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict[s
         if param.requires_grad:
             (no_decay if id(param) in no_decay_ids else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            {"params": no_decay, "weight_decay": 0.0 if exempt_norm_and_bias else weight_decay}]
 
 
 def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

@@ -222,6 +222,82 @@ def test_fairseq_checkpoint_with_heads_and_20_row_table(tmp_path):
     _assert_same_tensors(encoder.state_dict(), _encoder_keys(state, "bert."))
 
 
+_FAIRSEQ_LIKE_MODULE = """
+import shutil
+
+
+class BertConfig:
+    \"\"\"Stands in for fairseq.models.pair_bert.BertConfig: a plain object with fields.\"\"\"
+
+    def __init__(self, hidden_size):
+        self.hidden_size = hidden_size
+
+
+class Canary:
+    \"\"\"Unpickling it for real would copy `source` to `path`: it must never happen.\"\"\"
+
+    def __init__(self, source, path):
+        self.source, self.path = source, path
+
+    def __reduce__(self):
+        return (shutil.copyfile, (self.source, self.path))
+"""
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_release_checkpoint_pickling_a_foreign_config_class_reads_safely(tmp_path, zip_format):
+    """The original release with heads (``model.pt`` of the fairseq fork) is a dict
+    ``{"model": state dict, "args": Namespace(...), ...}`` whose ``args`` hold an object of
+    ``fairseq.models.pair_bert.BertConfig``, a class that does not exist where the file is
+    read. The weights are ``state["model"]``; the rest is never needed. The file must be
+    read without ``weights_only=False`` and without running anything it pickles: each
+    foreign class becomes an inert stub, named in one warning. Old code: "corrupt,
+    truncated, or holding objects other than tensors"."""
+    import importlib
+    import sys
+
+    package = tmp_path / "module_root" / "fakeseq_i17"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "pair_bert.py").write_text(_FAIRSEQ_LIKE_MODULE)
+    canary = tmp_path / "canary"
+    sys.path.insert(0, str(tmp_path / "module_root"))
+    try:
+        pair_bert = importlib.import_module("fakeseq_i17.pair_bert")
+        source = _ours(SpanBertForPreTraining)
+        state = dict(source.state_dict())
+        fairseq = {"decoder." + k: v for k, v in _rename_gamma_beta(state).items()}
+        path = tmp_path / "model.pt"
+        torch.save({"model": fairseq,
+                    "args": argparse.Namespace(arch="cased_bert_pair_large",
+                                               bert_config=pair_bert.BertConfig(32),
+                                               hook=pair_bert.Canary(__file__, str(canary))),
+                    "optimizer_history": [{"num_updates": 3}]},
+                   path, _use_new_zipfile_serialization=zip_format)
+    finally:
+        sys.path.remove(str(tmp_path / "module_root"))
+        for name in ("fakeseq_i17.pair_bert", "fakeseq_i17"):
+            sys.modules.pop(name, None)
+    assert not canary.exists()
+    with pytest.raises(ImportError):
+        importlib.import_module("fakeseq_i17.pair_bert")
+
+    with pytest.warns(UserWarning) as caught:
+        tensors = checkpoint.read_state_dict(path)
+    lines = [str(w.message) for w in caught if "stubbed" in str(w.message)]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "fakeseq_i17.pair_bert.BertConfig" in lines[0]
+    assert "shutil.copyfile" in lines[0]  # the canary's reducer was stubbed, not called
+    assert not canary.exists()
+    assert set(tensors) == set(fairseq)
+    SpanBertConfig(**SMALL).to_json(str(tmp_path / "config.json"))
+    with pytest.warns(UserWarning, match="stubbed"):
+        model = checkpoint.load_pretrained(SpanBertForPreTraining, path)
+    _assert_same_tensors(model.state_dict(), state)
+    assert not canary.exists()
+    assert "fakeseq_i17" not in sys.modules
+
+
 def test_convert_state_dict_names():
     tensor = torch.randn(3)
     state = {

@@ -402,6 +402,39 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
         CORPUS, VOCAB, "tiny", 32, 2, 100000, 100000, str(out))
 
 
+def test_the_resume_command_repeats_every_option_that_differs_from_its_default(monkeypatch):
+    """Each PretrainOptions field set away from its default (switches that default to on,
+    such as --mask-unk, included) must come back from the printed command unchanged."""
+    import dataclasses
+
+    from spanbert_fast import commands, pretraining
+    from spanbert_fast.cli import _parser
+
+    changed = dict(
+        vocab=VOCAB, lowercase=True, config="tiny", seq_len=32, batch_size=4,
+        grad_accum_steps=2, lr=3e-4, warmup_steps=5, lr_decay_power=0.5, weight_decay=0.02,
+        adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-6, max_grad_norm=2.0, mask_ratio=0.2,
+        geometric_p=0.3, max_span_words=7, precision="fp32", device="cpu", backend="torch",
+        seed=3, save_every=7, keep_checkpoints=3, log_every=2, progress=False,
+        random_tokens="uniform", weight_decay_params="weights", long_sentences="cut",
+        mask_unk=False, sbo_special_boundaries=True)
+    opts = pretraining.PretrainOptions(corpus=CORPUS, out="runs/x", max_steps=9, **changed)
+    defaults = pretraining.PretrainOptions(corpus=CORPUS, out="runs/x", max_steps=9)
+    not_repeated = {"corpus", "out", "max_steps", "train_tokenizer", "resume", "overwrite"}
+    untested = [f.name for f in dataclasses.fields(opts)
+                if f.name not in not_repeated and f.name not in changed]
+    assert not untested, f"give these fields a non-default value here: {untested}"
+    assert all(getattr(opts, k) != getattr(defaults, k) for k in changed)
+
+    command = shlex.split(pretraining._resume_command(opts, pretraining._Processes()))
+    seen = []
+    monkeypatch.setattr(pretraining, "run_pretraining", seen.append)
+    args = _parser().parse_args(command[1:])
+    commands._run_pretrain(args)
+    assert dataclasses.replace(seen[0], resume=None) == opts
+    assert seen[0].resume == "runs/x"
+
+
 def test_a_second_ctrl_c_exits_at_once():
     from spanbert_fast.pretraining import _StopRequest
     stop = _StopRequest()

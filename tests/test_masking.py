@@ -101,9 +101,12 @@ def effective_word_starts(ids: np.ndarray, real: np.ndarray, special_ids, is_con
 
 def check_masking(input_ids, attention_mask, out, *, mask_ratio=0.15, max_span_len=15,
                   mask_token_id=MASK, special_ids=SPECIAL_IDS, is_continuation=IS_CONTINUATION,
-                  word_starts=None) -> Dict[str, np.ndarray]:
+                  word_starts=None, sbo_special_boundaries=False) -> Dict[str, np.ndarray]:
     """Asserts every invariant of one masking output; returns per-merged-span statistics:
-    ``lengths``, ``modes`` (0 [MASK], 1 random, 2 unchanged) and ``sbo_per_row``."""
+    ``lengths``, ``modes`` (0 [MASK], 1 random, 2 unchanged) and ``sbo_per_row``.
+
+    SBO boundaries: maskable tokens (the original's rule), or any real token with
+    ``sbo_special_boundaries``."""
     masked_ids, labels, sbo = (np.asarray(t.cpu() if isinstance(t, torch.Tensor) else t)
                                for t in out)
     ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids)
@@ -151,7 +154,8 @@ def check_masking(input_ids, attention_mask, out, *, mask_ratio=0.15, max_span_l
             else:
                 modes.append(1)
             left, right = start - 1, end
-            if left >= 0 and right < seq and real[row, left] and real[row, right]:
+            boundary = real[row] if sbo_special_boundaries else maskable[row]
+            if left >= 0 and right < seq and boundary[left] and boundary[right]:
                 for rel in range(min(end - start, max_span_len)):
                     expected_sbo.append((row, left, right, rel, ids[row, start + rel]))
                     row_sbo += 1
@@ -179,7 +183,8 @@ def run_reference(input_ids, attention_mask, masker: SpanMasker, offsets, word_s
         geometric_p=masker.geometric_p, max_span_words=masker.max_span_words,
         max_span_len=masker.max_span_len, replace_probs=masker.replace_probs,
         unigram=None if masker.unigram is None else masker.unigram.numpy(),
-        seed=masker.seed, offsets=np.asarray(offsets))
+        seed=masker.seed, offsets=np.asarray(offsets),
+        sbo_special_boundaries=masker.sbo_special_boundaries)
 
 
 def _skip_reason() -> Optional[str]:
@@ -234,6 +239,47 @@ def test_invariants_reference(seq):
     masker = make_masker()
     out = run_reference(input_ids, attention_mask, masker, offsets=np.arange(32))
     check_masking(input_ids, attention_mask, out)
+
+
+def _block_rows(batch: int, block_len: int, seed: int) -> torch.Tensor:
+    """(batch, block_len + 2) rows ``[CLS] block [SEP]`` of random non-special ids."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(len(SPECIAL_IDS), VOCAB_SIZE, (batch, block_len + 2), generator=generator)
+    ids[:, 0], ids[:, -1] = CLS, SEP
+    return ids
+
+
+@pytest.mark.parametrize("implementation", ["native", "reference"])
+def test_sbo_targets_need_block_tokens_on_both_sides_as_in_the_original(implementation, request):
+    """The original SpanBERT (fairseq fork, data/masking.py and
+    data/no_nsp_span_bert_dataset.py) masks a block of sentence tokens *before* it wraps the
+    block in [CLS] ... [SEP], and a merged span gets span-boundary targets only when its
+    first token is not the block's first token and its last token is not the block's last
+    one: both outer neighbours are block tokens, never [CLS] or [SEP]. After wrapping, the
+    neighbour indices are shifted by one. Here: with the default, no SBO target may have a
+    special token as ``left`` or ``right``, and every masked span touching [CLS]/[SEP] has
+    none; ``sbo_special_boundaries=True`` (our former rule) adds exactly those spans."""
+    ids = _block_rows(64, 30, seed=40)  # short blocks: many spans touch [CLS]/[SEP]
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    outputs = {}
+    for option in (False, True):
+        masker = make_masker(sbo_special_boundaries=option)
+        if implementation == "native":
+            request.getfixturevalue("native")
+            out = masker(ids, mask)
+        else:
+            out = run_reference(ids, mask, masker, offsets=np.arange(len(ids)))
+        check_masking(ids, mask, out, sbo_special_boundaries=option)
+        outputs[option] = out
+    original, with_specials = (torch.as_tensor(outputs[k][2]) for k in (False, True))
+    boundary_ids = torch.cat([ids[original[:, 0], original[:, 1]],
+                              ids[original[:, 0], original[:, 2]]])
+    assert not torch.isin(boundary_ids, torch.tensor([CLS, SEP])).any()
+    # Same masks either way; only the targets of spans at the block's edges differ.
+    assert torch.equal(torch.as_tensor(outputs[False][1]), torch.as_tensor(outputs[True][1]))
+    at_edge = (with_specials[:, 1] == 0) | (with_specials[:, 2] == ids.shape[1] - 1)
+    assert at_edge.any(), "the test blocks must have spans at the edges"
+    assert torch.equal(with_specials[~at_edge], original)
 
 
 def test_explicit_word_starts_and_no_table(native):
@@ -385,8 +431,14 @@ def test_short_special_padding_and_empty_rows(native):
         if ratio == 1.0:
             maskable = mask & ~torch.isin(ids, torch.tensor(SPECIAL_IDS))
             assert torch.equal(out.labels != IGNORE_INDEX, maskable)
-            # Row 0: [CLS] x [SEP] -> one target between the two specials.
-            assert out.sbo_targets[out.sbo_targets[:, 0] == 0].tolist() == [[0, 0, 2, 0, 10]]
+            # Row 0: [CLS] x [SEP]: both boundaries are special, so no target (the
+            # original's rule) unless special boundaries are allowed.
+            assert not (out.sbo_targets[:, 0] == 0).any()
+            with_specials = make_masker(mask_ratio=ratio, replace_probs=(1.0, 0.0, 0.0),
+                                        sbo_special_boundaries=True)(ids, mask)
+            check_masking(ids, mask, with_specials, mask_ratio=ratio, sbo_special_boundaries=True)
+            assert (with_specials.sbo_targets[with_specials.sbo_targets[:, 0] == 0].tolist()
+                    == [[0, 0, 2, 0, 10]])
             # Row 3 is all masked: no boundary inside the row, no SBO target.
             assert not (out.sbo_targets[:, 0] == 3).any()
         if ratio == 0.0:
@@ -580,6 +632,7 @@ CONSTRUCTOR_ERRORS = [
     (dict(max_span_words=0), ValueError, "max_span_words must be in [1, 64]"),
     (dict(max_span_words=65), ValueError, "max_span_words must be in [1, 64]"),
     (dict(max_span_len=0), ValueError, "max_span_len must be in"),
+    (dict(sbo_special_boundaries=1), TypeError, "sbo_special_boundaries must be a bool"),
     (dict(replace_probs=(0.8, 0.1)), ValueError, "replace_probs must be 3 probabilities"),
     (dict(replace_probs=(0.8, 0.1, 0.2)), ValueError, "replace_probs must sum to 1"),
     (dict(replace_probs=(1.2, -0.1, -0.1)), ValueError, "replace_probs[0] must be in [0, 1]"),
@@ -767,10 +820,13 @@ def test_cuda_matches_cpu_on_edge_shapes_and_options(native):
         "seq 0": (torch.empty(4, 0, dtype=torch.long), None, None),
     }
     for label, (input_ids, attention_mask, word_starts) in cases.items():
-        on_cpu, on_gpu = _cpu_and_cuda(make_masker(), input_ids, attention_mask, word_starts,
-                                       torch.arange(input_ids.shape[0]) + 7)
-        for name, a, b in zip(SpanMaskingOutput._fields, on_cpu, on_gpu):
-            assert torch.equal(a, b.cpu()), f"{label}: {name} differs"
+        for option in (False, True):
+            on_cpu, on_gpu = _cpu_and_cuda(make_masker(sbo_special_boundaries=option),
+                                           input_ids, attention_mask, word_starts,
+                                           torch.arange(input_ids.shape[0]) + 7)
+            for name, a, b in zip(SpanMaskingOutput._fields, on_cpu, on_gpu):
+                assert torch.equal(a, b.cpu()), (
+                    f"{label}, sbo_special_boundaries={option}: {name} differs")
     got = masking.word_starts(ids.cuda(), IS_CONTINUATION.cuda(), mask.int().cuda())
     assert torch.equal(got.cpu(), masking.word_starts(ids, IS_CONTINUATION, mask.int()))
 

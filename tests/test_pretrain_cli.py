@@ -297,12 +297,17 @@ class _CharTokenizer:
 
 def test_packing_keeps_documents_apart_and_lines_whole():
     corpus = CorpusText(["x"], [["ab", "cde", "fgh"], ["ijklmnopq"], ["r"]])
-    blocks = pack_corpus(corpus, _CharTokenizer(), block_len=4)
+    blocks = pack_corpus(corpus, _CharTokenizer(), block_len=4, long_lines="cut")
     texts = ["".join(chr(i) for i in blocks.block(b)) for b in range(len(blocks))]
-    # "ab"+"cde" > 4: new block; "fgh" alone; a 9-char line is cut into 4 + 4 + 1;
-    # the next document starts a new block.
+    # "ab"+"cde" > 4: new block; "fgh" alone; with long_lines="cut" a 9-char line is cut
+    # into 4 + 4 + 1; the next document starts a new block.
     assert texts == ["ab", "cde", "fgh", "ijkl", "mnop", "q", "r"]
     assert blocks.num_tokens == 18 and blocks.tokens.dtype == np.int32
+    # By default (the original's rule) the 9-char line is dropped instead, and counted.
+    dropped = pack_corpus(corpus, _CharTokenizer(), block_len=4)
+    assert ["".join(chr(i) for i in dropped.block(b)) for b in range(len(dropped))] == [
+        "ab", "cde", "fgh", "r"]
+    assert (dropped.dropped_lines, dropped.dropped_tokens) == (1, 9)
 
 
 def test_read_corpus_splits_documents_at_blank_lines(tmp_path):
