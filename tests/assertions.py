@@ -57,3 +57,13 @@ def assert_within_2x_of_torch(kernel: torch.Tensor, torch_same_dtype: torch.Tens
     bound = 2.0 * torch_err + floor
     assert_close(kernel, oracle, max_rel=bound,
                  name=f"{name} (torch's own error {torch_err:.2e}, bound 2x + {floor:.0e})")
+
+
+def one_cli_error_line(capsys) -> str:
+    """The command line's whole stderr must be one ``spanbert-fast: error: ...`` line (no
+    traceback); returns it."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("spanbert-fast: error: ") and "Traceback" not in err
+    return lines[0]

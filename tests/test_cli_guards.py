@@ -24,25 +24,15 @@ from spanbert_fast.commands import main
 from spanbert_fast.corpus import pack_corpus, read_corpus
 from spanbert_fast.squad import build_windows, read_squad
 from spanbert_fast.tokenization import load_tokenizer
+from data_files import DATA, CORPUS, VOCAB, SQUAD  # noqa: E402
+from assertions import one_cli_error_line  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
-CORPUS = os.path.join(DATA, "corpus.txt")
-VOCAB = os.path.join(DATA, "vocab.txt")
-SQUAD = os.path.join(DATA, "squad_tiny.json")
 
 # One intra-op thread for this module's tiny models (tests/conftest.py says why).
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 TINY_RUN = ["--corpus", CORPUS, "--config", "tiny", "--seq-len", "32", "--batch-size", "2",
             "--max-steps", "1"]
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("spanbert-fast: error: ") and "Traceback" not in err
-    return lines[0]
 
 
 def _snapshot(directory) -> dict:
@@ -122,7 +112,7 @@ def test_pretrain_refuses_to_overwrite_a_model_without_overwrite(tmp_path, tiny_
     before = _snapshot(tiny_model_dir)
     args = ["pretrain", *TINY_RUN, "--vocab", VOCAB, "--out", str(tiny_model_dir), "--quiet"]
     assert main(args) == 2
-    message = _one_error_line(capsys)
+    message = one_cli_error_line(capsys)
     assert "already holds a model" in message and "config.json" in message
     assert "model.safetensors" in message and "--overwrite" in message
     assert _snapshot(tiny_model_dir) == before  # nothing touched, not even the tokenizer
@@ -135,7 +125,7 @@ def test_finetune_qa_refuses_to_overwrite_its_own_model(tiny_model_dir, capsys):
     args = ["finetune-qa", "--model", str(tiny_model_dir), "--train", SQUAD, "--epochs", "0.2",
             "--batch-size", "8", "--out", str(tiny_model_dir), "--quiet"]
     assert main(args) == 2
-    message = _one_error_line(capsys)
+    message = one_cli_error_line(capsys)
     assert "already holds a model" in message and "--overwrite" in message
     assert _snapshot(tiny_model_dir) == before
     assert main(args + ["--overwrite"]) == 0
@@ -151,7 +141,7 @@ def test_finetune_qa_evaluation_refuses_to_overwrite_earlier_results(tmp_path, t
     capsys.readouterr()
     (out / "predictions.json").write_text("{}", encoding="utf-8")
     assert main(args) == 2
-    assert "predictions.json" in _one_error_line(capsys)
+    assert "predictions.json" in one_cli_error_line(capsys)
     assert (out / "predictions.json").read_text(encoding="utf-8") == "{}"
     assert main(args + ["--overwrite"]) == 0
 
@@ -186,7 +176,7 @@ def test_resume_from_a_corrupt_checkpoint_names_the_file_and_the_previous_one(
             str(out), "--quiet"]
     log_before = (out / "train_log.jsonl").read_bytes()
     assert main(args + ["--resume", str(out)]) == 2
-    message = _one_error_line(capsys)
+    message = one_cli_error_line(capsys)
     assert os.path.join("checkpoint-4", name) in message
     assert "corrupt or truncated" in message
     assert f"--resume {out / 'checkpoint-2'}" in message
@@ -203,7 +193,7 @@ def test_resume_from_the_only_checkpoint_when_it_is_corrupt(tmp_path, two_checkp
     assert main(["pretrain", "--corpus", CORPUS, "--config", "tiny", "--seq-len", "32",
                  "--batch-size", "2", "--max-steps", "6", "--out", str(out), "--quiet",
                  "--resume", str(out)]) == 2
-    message = _one_error_line(capsys)
+    message = one_cli_error_line(capsys)
     assert "model.safetensors" in message and "no earlier checkpoint" in message
 
 
@@ -246,7 +236,7 @@ def test_lowercase_contradicting_the_tokenizer_config_is_refused(tmp_path, capsy
                                                         encoding="utf-8")
     assert main(["pretrain", *TINY_RUN, "--vocab", str(vocab), "--lowercase", "--out",
                  str(tmp_path / "out"), "--quiet"]) == 2
-    assert "says do_lower_case false" in _one_error_line(capsys)
+    assert "says do_lower_case false" in one_cli_error_line(capsys)
 
 
 def test_a_cased_read_of_an_uncased_vocab_warns_with_the_fix(tmp_path, capsys):
@@ -294,7 +284,7 @@ def test_an_unusable_backend_fails_before_anything_is_written(tmp_path, tiny_mod
         args = ["finetune-qa", "--model", str(tiny_model_dir), "--train", SQUAD, "--epochs",
                 "0.2"]
     assert main(args + backend + ["--out", str(out), "--quiet"]) == 2
-    assert expected in _one_error_line(capsys)
+    assert expected in one_cli_error_line(capsys)
     assert not out.exists()
 
 
@@ -309,7 +299,7 @@ def test_span_masking_options_fail_before_anything_is_written(tmp_path, capsys, 
     out = tmp_path / "out"
     assert main(["pretrain", *TINY_RUN, "--vocab", VOCAB, option, value, "--out", str(out),
                  "--quiet"]) == 2
-    assert expected in _one_error_line(capsys)
+    assert expected in one_cli_error_line(capsys)
     assert not out.exists()
 
 
@@ -335,14 +325,14 @@ def test_seq_len_zero_is_refused_not_the_default(tmp_path, capsys):
     assert main(["pretrain", *TINY_RUN, "--vocab", VOCAB, "--seq-len", "0", "--out",
                  str(tmp_path / "out"), "--quiet"]) == 2
     assert "--seq-len must be in [3, 128] (the model's max_position_embeddings), got 0" in \
-        _one_error_line(capsys)
+        one_cli_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
 def test_max_seq_len_zero_is_refused_not_the_default(tiny_model_dir, capsys):
     assert main(["finetune-qa", "--model", str(tiny_model_dir), "--dev", SQUAD,
                  "--max-seq-len", "0", "--quiet"]) == 2
-    assert "--max-seq-len must be in [8, 128]" in _one_error_line(capsys)
+    assert "--max-seq-len must be in [8, 128]" in one_cli_error_line(capsys)
 
 
 def test_a_vocab_of_special_tokens_only_is_refused_by_name(tmp_path, capsys):
@@ -350,7 +340,7 @@ def test_a_vocab_of_special_tokens_only_is_refused_by_name(tmp_path, capsys):
     vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n", encoding="utf-8")
     assert main(["pretrain", *TINY_RUN, "--vocab", str(vocab), "--out", str(tmp_path / "out"),
                  "--quiet"]) == 2
-    message = _one_error_line(capsys)
+    message = one_cli_error_line(capsys)
     assert "unigram" not in message
     assert f"vocabulary {str(vocab)!r} holds only the special tokens" in message
     assert not (tmp_path / "out").exists()

@@ -17,12 +17,8 @@ from spanbert_fast.squad import (QAWindow, SquadExample, build_windows, evaluate
                                  exact_match_score, extract_answers, f1_score, normalize_answer,
                                  read_squad)
 from spanbert_fast.tokenization import load_tokenizer
-
-DATA = os.path.join(os.path.dirname(__file__), "data")
-CORPUS = os.path.join(DATA, "corpus.txt")
-VOCAB = os.path.join(DATA, "vocab.txt")
-SQUAD = os.path.join(DATA, "squad_tiny.json")
-SQUAD_V2 = os.path.join(DATA, "squad_tiny_v2.json")
+from data_files import DATA, CORPUS, VOCAB, SQUAD, SQUAD_V2  # noqa: E402
+from assertions import one_cli_error_line  # noqa: E402
 
 
 # One intra-op thread for this module's tiny models (tests/conftest.py says why).
@@ -180,12 +176,6 @@ def test_extract_answers_v2_null_threshold():
 
 
 # ---------------------------------------------------------------------------- bad input
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("spanbert-fast: error: ") and "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -216,18 +206,18 @@ def test_finetune_rejects_bad_squad_json(tmp_path, capsys, tiny_model_dir, conte
     path.write_text(content, encoding="utf-8")
     status = main(["finetune-qa", "--model", tiny_model_dir, "--train", str(path), "--quiet"])
     assert status == 2
-    assert expected in _one_error_line(capsys)
+    assert expected in one_cli_error_line(capsys)
 
 
 def test_finetune_rejects_missing_files(tmp_path, capsys, tiny_model_dir):
     assert main(["finetune-qa", "--model", tiny_model_dir, "--train",
                  str(tmp_path / "nope.json"), "--quiet"]) == 2
-    assert "does not exist" in _one_error_line(capsys)
+    assert "does not exist" in one_cli_error_line(capsys)
     assert main(["finetune-qa", "--model", str(tmp_path / "no_model"), "--train", SQUAD,
                  "--quiet"]) == 2
-    assert "does not exist" in _one_error_line(capsys)
+    assert "does not exist" in one_cli_error_line(capsys)
     assert main(["finetune-qa", "--model", tiny_model_dir, "--quiet"]) == 2
-    assert "--train, --dev or both" in _one_error_line(capsys)
+    assert "--train, --dev or both" in one_cli_error_line(capsys)
 
 
 @pytest.mark.parametrize("option, value, expected", [
@@ -239,7 +229,7 @@ def test_finetune_rejects_missing_files(tmp_path, capsys, tiny_model_dir):
 def test_finetune_rejects_bad_optimiser_options(capsys, tiny_model_dir, option, value, expected):
     assert main(["finetune-qa", "--model", tiny_model_dir, "--train", SQUAD, option, value,
                  "--quiet"]) == 2
-    assert expected in _one_error_line(capsys)
+    assert expected in one_cli_error_line(capsys)
 
 
 # ---------------------------------------------------------------------------- the pipeline

@@ -29,12 +29,8 @@ from spanbert_fast.qa_finetuning import FinetuneQAOptions, run_finetune_qa
 from spanbert_fast.squad import SquadExample, best_null_threshold
 from spanbert_fast.tokenization import load_tokenizer
 from spanbert_fast.training import adamw_parameter_groups
+from data_files import DATA, CORPUS, VOCAB, SQUAD, SQUAD_V2  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
-CORPUS = os.path.join(DATA, "corpus.txt")
-VOCAB = os.path.join(DATA, "vocab.txt")
-SQUAD = os.path.join(DATA, "squad_tiny.json")
-SQUAD_V2 = os.path.join(DATA, "squad_tiny_v2.json")
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

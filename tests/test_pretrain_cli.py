@@ -22,10 +22,8 @@ from spanbert_fast.pretraining import (LOG_FILE, PretrainOptions, find_checkpoin
                                        run_pretraining)
 from spanbert_fast.tokenization import load_tokenizer, train_tokenizer
 from spanbert_fast.training import adamw_parameter_groups, warmup_then_decay
-
-DATA = os.path.join(os.path.dirname(__file__), "data")
-CORPUS = os.path.join(DATA, "corpus.txt")
-VOCAB = os.path.join(DATA, "vocab.txt")
+from data_files import DATA, CORPUS, VOCAB  # noqa: E402
+from assertions import one_cli_error_line  # noqa: E402
 
 
 # One intra-op thread for this module's tiny models (tests/conftest.py says why).
@@ -35,14 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 def _read_log(out: str):
     with open(os.path.join(out, LOG_FILE), encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("spanbert-fast: error: ") and "Traceback" not in err
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------- training
@@ -186,7 +176,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, c
             "32", "--batch-size", "2", "--max-steps", "4", "--save-every", "2", "--out", out,
             "--quiet"]
     assert main(args) == 1
-    assert "No space left on device" in _one_error_line(capsys)
+    assert "No space left on device" in one_cli_error_line(capsys)
     assert find_checkpoint(out).endswith("checkpoint-2")
     assert not os.path.exists(os.path.join(out, "checkpoint-4"))
     monkeypatch.setattr(SpanBertForPreTraining, "save_pretrained", original)
@@ -210,7 +200,7 @@ def _write(path, data: bytes) -> str:
     "negative lr decay power", "beta1 of 1.5", "negative adam eps", "lr nan",
     "warmup past max steps", "cased tokenizer.json with --lowercase",
 ])
-def test_pretrain_bad_input_gives_one_error_line(tmp_path, capsys, case):
+def test_pretrain_bad_input_givesone_cli_error_line(tmp_path, capsys, case):
     corpus, vocab, extra = CORPUS, ["--vocab", VOCAB], []
     expected = {
         "missing corpus": "does not exist", "empty corpus file": "is empty",
@@ -284,7 +274,7 @@ def test_pretrain_bad_input_gives_one_error_line(tmp_path, capsys, case):
     if "--config" not in extra:
         args += ["--config", "tiny"]
     assert main(args + extra) == 2
-    assert expected in _one_error_line(capsys)
+    assert expected in one_cli_error_line(capsys)
 
 
 # ---------------------------------------------------------------------------- the pieces
