@@ -8,11 +8,13 @@ import dataclasses
 import difflib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 # transformers' BERT keys we understand; anything else in a config.json is kept in
-# ``extra`` and written back unchanged, so a round trip loses nothing.
+# ``extra`` and written back unchanged, so a round trip loses nothing (a key that looks
+# like a misspelt field is refused instead, and another unknown key warned about).
 _BERT_KEYS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "intermediate_size", "hidden_act", "hidden_dropout_prob",
@@ -23,9 +25,10 @@ _BERT_KEYS = (
 _SPANBERT_KEYS = ("add_pooling_layer", "sbo_max_targets", "sbo_position_embedding_size")
 # Keys that are not ours but that a BERT config.json may rightly hold: what transformers
 # (4.x and 5.x) writes or accepts for every model, and what Google's original BERT configs
-# carry. They are kept in ``extra`` and written back unchanged. Any other key is refused,
-# so that a typo ("hiden_size") is not silently ignored while a 768-wide model is built;
-# keys starting with "_" are transformers' private bookkeeping (_name_or_path, ...).
+# carry. They are kept in ``extra`` and written back unchanged. Any other key is warned
+# about, or refused when it looks like a typo of a field ("hiden_size"), which would be
+# silently ignored while a 768-wide model is built; keys starting with "_" are
+# transformers' private bookkeeping (_name_or_path, ...).
 _TRANSFORMERS_KEYS = frozenset((
     # the file and the model around the encoder
     "architectures", "transformers_version", "dtype", "torch_dtype", "use_bfloat16",
@@ -209,20 +212,34 @@ class SpanBertConfig:
 
 
 def _check_keys(values: Dict[str, Any]) -> None:
-    """Refuse keys that nothing reads (see ``_TRANSFORMERS_KEYS``), suggesting the field
-    each one most likely meant."""
+    """Refuse a key that nothing reads and that looks like a misspelt field ("hiden_size":
+    a 768-wide model would be built while the file asks for another width), suggesting the
+    field; warn about (and keep, in ``extra``) any other key nothing reads, as transformers
+    keeps a custom key, so a model saved with one still loads (see ``_TRANSFORMERS_KEYS``)."""
     fields = _BERT_KEYS + _SPANBERT_KEYS
     unknown = [k for k in values
                if not (k in fields or k in _TRANSFORMERS_KEYS or k == "model_type"
                        or (isinstance(k, str) and k.startswith("_")))]
     if not unknown:
         return
-    problems = []
+    typos, others = [], []
     for key in unknown:
-        close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        problems.append(f"{key!r}{hint}")
-    raise ValueError(
-        f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(problems)}: neither "
-        f"a SpanBertConfig field nor a key transformers writes, so it would be ignored. "
-        f"The fields are: {', '.join(fields)}")
+        close = difflib.get_close_matches(str(key), fields, n=1, cutoff=_TYPO_CUTOFF)
+        if close:
+            typos.append(f"{key!r} (did you mean {close[0]!r}?)")
+        else:
+            others.append(repr(key))
+    if typos:
+        raise ValueError(
+            f"unknown config key{'s' if len(typos) > 1 else ''} {', '.join(typos)}: neither "
+            f"a SpanBertConfig field nor a key transformers writes, so it would be ignored. "
+            f"The fields are: {', '.join(fields)}")
+    warnings.warn(f"config key{'s' if len(others) > 1 else ''} {', '.join(others)} "
+                  f"{'are' if len(others) > 1 else 'is'} not read by spanbert_fast (kept and "
+                  f"written back unchanged)", stacklevel=4)
+
+
+# How close (difflib ratio) an unknown key must be to a field to be refused as its typo:
+# "hiden_size" vs "hidden_size" is 0.95, "layer_norm_epsilon" vs "layer_norm_eps" 0.88;
+# a custom key such as "custom_flag" is at most 0.5 from any field.
+_TYPO_CUTOFF = 0.8

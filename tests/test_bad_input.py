@@ -231,6 +231,23 @@ def test_config_keys_written_by_transformers_and_the_release_are_accepted(tmp_pa
     sf.SpanBertConfig.from_dict({**everything, **written})
 
 
+def test_a_custom_config_key_is_kept_with_a_warning_and_our_own_save_loads(tmp_path):
+    """transformers keeps a custom config key; refusing it (not a typo of any field) made a
+    model that from_transformers/accelerate had built, once saved, unloadable by us."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.BertModel(transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=20, custom_flag=True))
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.warns(UserWarning, match="'custom_flag' is not read by spanbert_fast"):
+        ours = sf.SpanBertModel.from_pretrained(tmp_path / "hf")
+    assert ours.config.extra["custom_flag"] is True
+    ours.save_pretrained(tmp_path / "ours")
+    with pytest.warns(UserWarning, match="custom_flag"):
+        again = sf.SpanBertModel.from_pretrained(tmp_path / "ours")
+    assert again.config.extra["custom_flag"] is True and again.config.hidden_size == 16
+
+
 def test_transformers_forward_options(model):
     """return_dict=False gives transformers' tuple; what the fused attention cannot give
     (attention maps, head masks) is refused by name instead of an unexpected-keyword error."""
