@@ -230,6 +230,16 @@ def test_uncased_vocab_txt_follows_the_tokenizer_config_beside_it(tmp_path, caps
     assert saved.unk_id not in saved.encode_batch(["The Lighthouse keeper"])[0]
 
 
+def test_load_tokenizer_on_a_vocab_txt_follows_the_tokenizer_config_beside_it(tmp_path):
+    """finetune-qa --tokenizer path/vocab.txt read an uncased vocabulary cased (every
+    capitalised word [UNK]); only a directory path looked at tokenizer_config.json."""
+    vocab = _uncased_vocab(tmp_path / "uncased", with_config=True)
+    for path in (str(vocab), str(vocab.parent)):
+        tokenizer = load_tokenizer(path)
+        assert tokenizer.lowercase, path
+        assert tokenizer.unk_id not in tokenizer.encode_batch(["The Lighthouse keeper"])[0]
+
+
 def test_lowercase_contradicting_the_tokenizer_config_is_refused(tmp_path, capsys):
     vocab = _uncased_vocab(tmp_path / "cased", with_config=False)
     (vocab.parent / "tokenizer_config.json").write_text('{"do_lower_case": false}',
