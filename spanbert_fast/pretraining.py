@@ -273,7 +273,8 @@ def _resumes_into(resume_dir: Optional[str], out: str) -> bool:
     """Whether the run resumes from one of ``out``'s own checkpoints (whose final model
     it then writes again, as the interrupted run would have)."""
     return (resume_dir is not None and
-            os.path.realpath(os.path.dirname(resume_dir)) == os.path.realpath(out))
+            os.path.realpath(os.path.dirname(os.path.normpath(resume_dir)))
+            == os.path.realpath(out))
 
 
 def _corrupt_checkpoint(resume_dir: str, path: str, err: BaseException) -> InputError:

@@ -231,6 +231,8 @@ def _load_qa_tokenizer(opts: FinetuneQAOptions) -> WordPieceTokenizer:
     pass instead of only that the file is missing."""
     if opts.tokenizer is not None:
         return load_tokenizer(opts.tokenizer)
+    if not os.path.exists(opts.model):  # the same message load_qa_model gives
+        raise InputError(f"--model {opts.model!r} does not exist")
     try:
         return load_tokenizer(opts.model)
     except InputError as err:
@@ -401,10 +403,9 @@ def run_finetune_qa(opts: FinetuneQAOptions) -> FinetuneQAResult:
     if dev is not None:
         result.metrics, result.predictions, null_diffs = _evaluate(
             model, dev[0], dev[1], opts, version_2, pad_id, device, precision)
-        if (train is None or not opts.eval_each_epoch or result.best_step is not None
-                or not opts.progress):
-            # The one result of the run: printed under --quiet too, which hid it.
-            print("dev " + _format_metrics(result.metrics), file=sys.stdout, flush=True)
+        # The one result of the run, always printed: under --quiet too (which hid it), and
+        # after in-training evaluations, whose last one need not be at the last step.
+        print("dev " + _format_metrics(result.metrics), file=sys.stdout, flush=True)
     if opts.out is not None:
         _save_outputs(opts, model, tokenizer, result, null_diffs, version_2)
     return result

@@ -314,6 +314,19 @@ def test_span_masking_options_fail_before_anything_is_written(tmp_path, capsys, 
 
 
 # ------------------------------------------------------------------ 9. finetune-qa messages
+def test_finetune_qa_prints_the_final_metrics_after_in_training_evaluations(tiny_model_dir,
+                                                                           capsys):
+    """With --no-keep-best the final model is the last step's, and the last in-training
+    evaluation (every batches // N batches) need not be at the last step: its metrics were
+    only in eval_results.json."""
+    assert main(["finetune-qa", "--model", str(tiny_model_dir), "--train", SQUAD, "--dev",
+                 SQUAD, "--epochs", "1", "--batch-size", "4", "--eval-per-epoch", "2",
+                 "--no-keep-best", "--max-seq-len", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and re.match(r"dev EM \d+\.\d\d  F1 \d+\.\d\d  \(20 questions\)",
+                              lines[-1]), lines
+
+
 def test_finetune_qa_quiet_still_prints_the_final_metrics(tiny_model_dir, capsys):
     assert main(["finetune-qa", "--model", str(tiny_model_dir), "--dev", SQUAD, "--quiet"]) == 0
     captured = capsys.readouterr()
@@ -471,3 +484,15 @@ def test_log_reports_the_share_of_real_tokens(tmp_path, capsys):
     for line, pair in zip(step_lines, (records[:2], records[2:])):
         share = sum(r["tokens"] for r in pair) / (2 * 2 * 128)
         assert f"real tokens {100 * share:.0f}%" in line
+
+
+def test_resuming_into_the_runs_own_out_allows_a_trailing_slash(tmp_path):
+    """Tab completion adds a slash: --resume OUT/checkpoint-200/ is still OUT's own
+    checkpoint, so extending a finished run is not refused as an overwrite."""
+    from spanbert_fast.pretraining import _resumes_into
+
+    checkpoint = tmp_path / "out" / "checkpoint-200"
+    checkpoint.mkdir(parents=True)
+    for resume in (str(checkpoint), str(checkpoint) + "/", str(checkpoint) + "//"):
+        assert _resumes_into(resume, str(tmp_path / "out")), resume
+    assert not _resumes_into(str(checkpoint) + "/", str(tmp_path / "other"))
