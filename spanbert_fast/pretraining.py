@@ -71,6 +71,11 @@ _EXACT_RESUME_OPTIONS = ("seq_len", "batch_size", "seed", "mask_ratio", "geometr
                          "max_steps", "weight_decay", "adam_beta1", "adam_beta2",
                          "adam_eps", "max_grad_norm", "random_tokens", "weight_decay_params",
                          "long_sentences", "mask_unk", "sbo_special_boundaries")
+# What a checkpoint written before these options existed ran with (BERT's conventions,
+# today's non-defaults): resuming it under the new defaults is then warned about.
+_OPTIONS_BEFORE_THEY_EXISTED = {"random_tokens": "uniform", "weight_decay_params": "weights",
+                                "long_sentences": "cut", "mask_unk": False,
+                                "sbo_special_boundaries": True}
 # Choices of the options where the original SpanBERT and BERT's convention differ; the
 # first of each is the original's (the default).
 RANDOM_TOKENS_CHOICES = ("unigram", "uniform")
@@ -913,6 +918,9 @@ def _restore(run: _Run, state: Dict[str, Any], resume_dir: str,
     about anything that keeps the resumed run from matching an uninterrupted one."""
     procs = run.procs
     saved = state.get("options", {})
+    if saved:
+        # A checkpoint from before an option existed ran with what is now its non-default.
+        saved = {**_OPTIONS_BEFORE_THEY_EXISTED, **saved}
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(run.opts, k)!r}"
                for k in _EXACT_RESUME_OPTIONS if k in saved and saved[k] != getattr(run.opts, k)]
     if changed:
@@ -921,7 +929,16 @@ def _restore(run: _Run, state: Dict[str, Any], resume_dir: str,
     if state.get("data_fingerprint") != run.blocks.fingerprint():
         _warn(procs, "the corpus (or its tokenization) differs from the checkpoint's: the "
                      "resumed run sees different data")
+    # The optimizer's state (moments, step counts) comes from the checkpoint, but its
+    # groups' hyper-parameters from this run's options: load_state_dict would otherwise
+    # restore the saved weight decay, betas and eps, and a changed --weight-decay,
+    # --weight-decay-params, --adam-betas or --adam-eps (warned about above) would do
+    # nothing. The learning rate is the scheduler's.
+    chosen = [{k: group[k] for k in ("weight_decay", "betas", "eps")}
+              for group in run.optimizer.param_groups]
     run.optimizer.load_state_dict(state["optimizer"])
+    for group, values in zip(run.optimizer.param_groups, chosen):
+        group.update(values)
     run.scheduler.load_state_dict(state["scheduler"])
     if state.get("precision") == run.precision:
         run.scaler.load_state_dict(state["scaler"])

@@ -496,3 +496,30 @@ def test_resuming_into_the_runs_own_out_allows_a_trailing_slash(tmp_path):
     for resume in (str(checkpoint), str(checkpoint) + "/", str(checkpoint) + "//"):
         assert _resumes_into(resume, str(tmp_path / "out")), resume
     assert not _resumes_into(str(checkpoint) + "/", str(tmp_path / "other"))
+
+
+def test_resume_warns_about_options_an_old_checkpoint_predates_and_applies_changed_ones(
+        tmp_path, two_checkpoints, capsys):
+    """A checkpoint written before --random-tokens & co. existed ran with BERT's
+    conventions: resuming it under the original's defaults must say so. And a changed
+    --weight-decay must take effect (the optimizer's saved groups used to win silently)."""
+    import torch
+
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    state_path = out / "checkpoint-4" / "training_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    for key in ("random_tokens", "weight_decay_params", "long_sentences", "mask_unk",
+                "sbo_special_boundaries"):
+        del state["options"][key]
+    torch.save(state, state_path)
+    assert main(["pretrain", "--corpus", CORPUS, "--vocab", VOCAB, "--config", "tiny",
+                 "--seq-len", "32", "--batch-size", "2", "--max-steps", "6", "--save-every",
+                 "2", "--weight-decay", "0.05", "--out", str(out), "--resume", str(out),
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    for change in ("--random-tokens 'uniform' -> 'unigram'", "--mask-unk False -> True",
+                   "--sbo-special-boundaries True -> False", "--weight-decay 0.01 -> 0.05"):
+        assert change in err, err
+    resumed = torch.load(out / "checkpoint-6" / "training_state.pt", weights_only=False)
+    assert [g["weight_decay"] for g in resumed["optimizer"]["param_groups"]] == [0.05, 0.05]
