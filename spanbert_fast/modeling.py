@@ -250,11 +250,26 @@ class _SpanBertPreTrainedModel(nn.Module):
             raise TypeError(f"config must be a SpanBertConfig, got {type(config).__name__}")
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        if not isinstance(layout, str) or layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.config = config
         self.backend = backend
         self.layout = layout
+
+    @property
+    def layout(self) -> str:
+        """How the encoder lays out a padded batch (:data:`LAYOUTS`); on a model with heads
+        it is its encoder's (``self.bert.layout``), so setting either changes both."""
+        encoder = self._modules.get("bert") if "_modules" in self.__dict__ else None
+        return encoder.layout if encoder is not None else self._layout
+
+    @layout.setter
+    def layout(self, value: str) -> None:
+        if not isinstance(value, str) or value not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {value!r}")
+        encoder = self._modules.get("bert") if "_modules" in self.__dict__ else None
+        if encoder is not None:
+            encoder.layout = value
+        else:
+            self._layout = value
 
     def _init_weights(self) -> None:
         """BERT's initialisation: N(0, initializer_range) weights, zero biases, LN = (1, 0)."""

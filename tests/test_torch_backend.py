@@ -180,7 +180,11 @@ def test_layout_is_checked_and_reaches_the_encoder(cls):
         cls(sf.SpanBertConfig.tiny(), layout="unpadded")
     model = cls(sf.SpanBertConfig.tiny(), layout="padded")
     encoder = model if cls is sf.SpanBertModel else model.bert
-    assert encoder.layout == "padded"
+    assert encoder.layout == "padded" and model.layout == "padded"
+    model.layout = "packed"  # on a model with heads, setting it reaches the encoder
+    assert encoder.layout == "packed" and model.layout == "packed"
+    with pytest.raises(ValueError, match="layout must be one of"):
+        model.layout = "bogus"
 
 
 def test_packed_training_with_dropout_is_seeded_and_finite():
