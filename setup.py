@@ -181,7 +181,7 @@ setup(
         'triton>=3.6; platform_system=="Linux"',
     ],
     extras_require={"bench": ["matplotlib", "pytest-benchmark"],
-                    "test": ["pytest", "transformers"]},
+                    "test": ["pytest", "pytest-timeout", "transformers"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

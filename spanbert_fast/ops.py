@@ -697,7 +697,7 @@ def _run_attention(backend: str, args: tuple) -> torch.Tensor:
     if chosen == "triton" and key_padding_mask is not None and _values_checkable() \
             and not _is_right_padding(key_padding_mask):
         _warn_once("left_padding", "attention: key_padding_mask is not right padding (ones "
-                   "then zeros), which the Triton kernel needs; running the torch reference")
+                   "then zeros), which the Triton kernel needs; running the torch backend")
         chosen = "torch"
     if chosen == "torch":
         # The fast torch backend (SDPA), not the oracle: reference.attention is what

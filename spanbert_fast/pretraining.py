@@ -578,6 +578,12 @@ def _train(opts: PretrainOptions, procs: _Processes, device: torch.device, preci
     unknown = _unknown_token_warning(corpus, blocks, tokenizer)
     if unknown is not None:
         _warn(procs, unknown)
+    dropped_share = blocks.dropped_tokens / max(1, blocks.dropped_tokens + blocks.num_tokens)
+    if dropped_share > DROPPED_WARN_SHARE:  # a warning: --quiet hides the corpus line
+        _warn(procs, f"{100 * dropped_share:.1f}% of the corpus's tokens are in "
+                     f"{blocks.dropped_lines:,} line(s) longer than a block of {opts.seq_len} "
+                     f"tokens and are dropped, as the original does; pass a longer --seq-len, "
+                     f"or --long-sentences cut to keep them")
     _say(procs, opts, f"corpus: {len(corpus.files)} file(s), {len(corpus.documents)} documents, "
                       f"{blocks.num_tokens:,} tokens in {len(blocks):,} blocks of <= "
                       f"{opts.seq_len} tokens; vocabulary {tokenizer.vocab_size:,} "
@@ -779,6 +785,9 @@ def _resume_command(opts: PretrainOptions, procs: _Processes) -> str:
     return shlex.join(args + ["--resume", opts.out])
 
 
+# The share of the corpus's tokens in over-long (dropped) lines above which pretrain warns
+# even under --quiet: a corpus of one paragraph per line can lose most of its text.
+DROPPED_WARN_SHARE = 0.05
 # The [UNK] share of the first blocks above which pretrain warns (an uncased vocabulary
 # read cased gave 4.6% on English text, and on the test corpus).
 UNKNOWN_WARN_SHARE = 0.01

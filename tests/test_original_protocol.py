@@ -324,3 +324,10 @@ def test_lines_longer_than_a_block_are_dropped_and_counted(tmp_path, capsys):
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("corpus:") and f"dropped 1 line(s) longer than a block ({n_long} " \
         "tokens)" in first
+    # Most of this corpus is the long line: said on stderr, where --quiet does not hide it.
+    assert main(["pretrain", "--corpus", str(path), "--vocab", VOCAB, "--config", "tiny",
+                 "--seq-len", "32", "--batch-size", "2", "--max-steps", "1", "--quiet",
+                 "--out", str(tmp_path / "quiet")]) == 0
+    err = capsys.readouterr().err
+    assert "line(s) longer than a block of 32 tokens and are dropped" in err
+    assert "--long-sentences cut" in err

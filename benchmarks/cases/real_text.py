@@ -6,10 +6,12 @@ mostly padding (a few long sentences set the padded width). The text here is the
 the Python documentation's language reference, which every CPython ships as
 ``pydoc_data.topics`` (~465 KB): about 770 paragraphs and 1,600 sentences of technical
 English once code listings and headings are dropped. It is tokenized, cased as SpanBERT
-is, with the WordPiece vocabulary ``benchmarks/data/pydoc-wordpiece.txt`` (8,000 pieces
-trained on those paragraphs by :func:`spanbert_fast.tokenization.train_tokenizer`, and
-committed, since the trainer breaks ties differently from run to run; ``python -m
-benchmarks.cases.real_text --write-vocab`` rebuilds it).
+is, with the WordPiece vocabulary ``benchmarks/data/pydoc-wordpiece.txt``: 3,270 pieces
+(8,000 asked for; the trainer keeps only pieces seen at least twice) trained on those
+paragraphs by :func:`spanbert_fast.tokenization.train_tokenizer`, and committed, since the
+trainer breaks ties differently from run to run (``python -m benchmarks.cases.real_text
+--write-vocab`` rebuilds it). A real BERT vocabulary of 28,996 pieces splits rare words
+less, so its sentences would be a little shorter.
 
 Measured with that vocabulary: sentences are 28.8 tokens on average with [CLS] and [SEP]
 (median 25, longest 333); a batch of 16 random sentences is 45% real tokens when padded to
