@@ -181,18 +181,22 @@ def _accelerated_forward(self, input_ids=None, attention_mask=None, token_type_i
 _warned: set = set()
 
 
-def _fused_layer_forward(layer: nn.Module, hf_layer: nn.Module, *args: Any) -> torch.Tensor:
+def _fused_layer_forward(layer: nn.Module, hf_layer: nn.Module, hf_encoder: nn.Module,
+                         *args: Any) -> torch.Tensor:
     """Installed as the ``forward`` of each of our layers: the layer's own forward, or, when
     the transformers layer it mirrors has gradient checkpointing on and is training, that
     forward run through transformers' checkpoint function (``gradient_checkpointing_enable``
-    sets both the flag and the function, per layer), so activations inside the layer are
-    recomputed in the backward pass instead of kept."""
+    sets both the flag and the function: per layer in transformers 5, on the encoder in
+    4.x), so activations inside the layer are recomputed in the backward pass instead of
+    kept."""
     run = functools.partial(type(layer).forward, layer)
-    if getattr(hf_layer, "gradient_checkpointing", False) and hf_layer.training:
-        checkpoint = getattr(hf_layer, "_gradient_checkpointing_func", None)
-        if checkpoint is None:
-            checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-        return checkpoint(run, *args)
+    for owner in (hf_layer, hf_encoder):
+        if getattr(owner, "gradient_checkpointing", False) and owner.training:
+            checkpoint = getattr(owner, "_gradient_checkpointing_func", None)
+            if checkpoint is None:
+                checkpoint = functools.partial(torch.utils.checkpoint.checkpoint,
+                                               use_reentrant=False)
+            return checkpoint(run, *args)
     return run(*args)
 
 
@@ -221,7 +225,8 @@ def accelerate(hf_model: nn.Module, *, backend: str = "auto", padding: str = "ex
         # Stored outside nn.Module's registry so state_dict()/parameters() are unchanged.
         object.__setattr__(bert, _ATTR, ours)
         for layer, hf_layer in zip(ours.encoder.layer, bert.encoder.layer):
-            layer.forward = functools.partial(_fused_layer_forward, layer, hf_layer)
+            layer.forward = functools.partial(_fused_layer_forward, layer, hf_layer,
+                                              bert.encoder)
         bert.forward = functools.partial(_accelerated_forward, bert)
     return hf_model
 

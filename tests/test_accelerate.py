@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -257,7 +259,20 @@ def _enable_gradient_checkpointing(hf):
         hf.gradient_checkpointing_enable()
 
 
-@pytest.mark.parametrize("order", ["enabled after accelerate", "enabled before accelerate"])
+def _enable_gradient_checkpointing_as_transformers_4(hf):
+    """transformers 4.x kept the flag and the checkpoint function on the BertEncoder, not
+    on each layer."""
+    import torch.utils.checkpoint
+
+    for layer in hf.bert.encoder.layer:
+        layer.gradient_checkpointing = False
+    hf.bert.encoder.gradient_checkpointing = True
+    hf.bert.encoder._gradient_checkpointing_func = functools.partial(
+        torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+
+@pytest.mark.parametrize("order", ["enabled after accelerate", "enabled before accelerate",
+                                   "on the encoder, as transformers 4.x"])
 def test_gradient_checkpointing_recomputes_the_fused_layers(order):
     """Issue 18.10: ``gradient_checkpointing_enable()`` was silently ignored by the fused
     forward (every activation kept). Each fused layer must now run once in the forward and
@@ -270,6 +285,8 @@ def test_gradient_checkpointing_recomputes_the_fused_layers(order):
     sf.accelerate(hf, backend="torch")
     if order == "enabled after accelerate":
         _enable_gradient_checkpointing(hf)
+    elif order.startswith("on the encoder"):
+        _enable_gradient_checkpointing_as_transformers_4(hf)
     hf.train()
     reference.train()
     calls = []
