@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS",
+           "not_supported_reasons"]
 
 # Head dims the kernel takes; others are padded up to the next power of two with masked
 # loads (BLOCK_D), so any head_dim <= 128 runs, at the cost of wasted lanes.
@@ -525,3 +526,23 @@ def attention_backward(
         *_strides(dout, varlen), *_strides(dq, varlen),
         lse.stride(1), **common)
     return dq, dk, dv
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def not_supported_reasons(tensors: Sequence[torch.Tensor]) -> List[str]:
+    """Why these kernels cannot take inputs led by ``q`` (the public op's ``q, k, v, ...``);
+    an empty list when they can. Read by the dispatcher (``spanbert_fast.ops``), which
+    lists every reason under an explicit ``backend="triton"`` and falls back under "auto".
+    A non-float first tensor (the model asking with its ids) is no reason."""
+    if not tensors or not tensors[0].is_floating_point():
+        return []
+    q = tensors[0]
+    reasons = []
+    if q.dtype not in _KERNEL_DTYPES:
+        reasons.append(f"the attention kernel takes fp16/bf16/fp32, got {q.dtype}")
+    if q.dim() >= 3 and q.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"the attention kernel takes head_dim <= {MAX_HEAD_DIM}, "
+                       f"got {q.shape[-1]}")
+    return reasons

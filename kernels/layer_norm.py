@@ -36,7 +36,7 @@ import triton.language as tl
 from ._common import (check_float_tensor, check_grad_output, empty_buffer, needs_flags,
                       tl_accumulator_dtype)
 
-__all__ = ["forward", "backward", "MAX_FUSED_BYTES"]
+__all__ = ["forward", "backward", "MAX_FUSED_BYTES", "not_supported_reasons"]
 
 
 # A row lives in registers in the accumulator dtype; past 64 KB per row (16384 elements,
@@ -309,3 +309,16 @@ def backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         dbias_partial.sum(0).to(bias.dtype) if need_dbias else grad_output.new_empty(0),
         dres.view(residual.shape) if dres is not None else grad_output.new_empty(0),
     ]
+
+
+def not_supported_reasons(tensors: Sequence[torch.Tensor]) -> List[str]:
+    """Why the kernel cannot take ``x`` (first of ``tensors``): a row wider than the
+    registers hold (MAX_FUSED_BYTES); an empty list when it can."""
+    if not tensors or not tensors[0].is_floating_point() or tensors[0].dim() < 1:
+        return []
+    x = tensors[0]
+    hidden = x.shape[-1]
+    if triton.next_power_of_2(max(hidden, 1)) * max(x.element_size(), 4) > MAX_FUSED_BYTES:
+        return [f"the fused LayerNorm holds a row in registers: hidden size {hidden} is over "
+                f"its {MAX_FUSED_BYTES // 4} fp32 elements"]
+    return []

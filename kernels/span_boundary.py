@@ -69,6 +69,7 @@ from ._common import (accumulator_dtype, check_float_tensor, empty_buffer, gelu_
 __all__ = [
     "forward",
     "backward",
+    "not_supported_reasons",
     "bias_gelu_layer_norm_forward",
     "bias_gelu_layer_norm_backward",
     "TENSOR_ARGUMENTS",
@@ -579,3 +580,15 @@ def _in_param_dtypes(grads: dict, param_dtypes: dict) -> dict:
     autocast's layout gave them fp32 parameters)."""
     return {name: g.to(param_dtypes[name]) if name in param_dtypes and g is not None else g
             for name, g in grads.items()}
+
+
+def not_supported_reasons(tensors: Sequence[torch.Tensor]) -> List[str]:
+    """Why the head cannot take ``hidden`` (first of ``tensors``): a width over the fused
+    epilogue's row of registers; an empty list when it can."""
+    if not tensors or not tensors[0].is_floating_point() or tensors[0].dim() != 2:
+        return []
+    width = tensors[0].shape[1]
+    if triton.next_power_of_2(max(width, 1)) > _MAX_BLOCK_N:
+        return [f"the fused SBO epilogue holds a row in registers: width {width} is over "
+                f"its {_MAX_BLOCK_N} elements"]
+    return []

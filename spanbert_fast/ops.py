@@ -104,7 +104,8 @@ def _probe_triton() -> None:
         except Exception as err:
             _kernel_import_errors[op] = f"{type(err).__name__}: {err}"
             continue
-        needed = _KERNEL_ENTRY_POINTS.get(op, ("forward", "backward"))
+        needed = _KERNEL_ENTRY_POINTS.get(op, ("forward", "backward")) + (
+            "not_supported_reasons",)
         missing = [name for name in needed if not hasattr(module, name)]
         if missing:
             _kernel_import_errors[op] = f"spanbert_fast.kernels.{file} lacks {missing}"
@@ -123,7 +124,10 @@ def _triton_reasons(op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
                        f"({_kernel_import_errors[op]})")
     elif op not in _KERNEL_MODULES and _triton_import_error is None:
         reasons.append(f"no Triton kernel is implemented for '{op}' yet")
-    reasons.extend(_input_reasons(op, tensors))
+    if op in _KERNEL_MODULES:
+        # What the kernel itself can run (head dim, row width, dtype): one place, the
+        # kernel file, instead of limits copied here.
+        reasons.extend(_KERNEL_MODULES[op].not_supported_reasons(tensors))
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if (interpret and op == "attention" and tensors and tensors[0].is_floating_point()
             and tensors[0].dtype == torch.bfloat16):
@@ -136,25 +140,6 @@ def _triton_reasons(op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
                 f"tensors are on {t.device.type}; Triton needs CUDA tensors "
                 "(or TRITON_INTERPRET=1 for the CPU interpreter)")
             break
-    return reasons
-
-
-# What the Triton kernels take beyond what every op takes. Under backend="auto" inputs
-# outside this fall back to the torch backend; an explicit "triton" raises with the reason.
-_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_ATTENTION_MAX_HEAD_DIM = 128
-
-
-def _input_reasons(op: str, tensors: Sequence[torch.Tensor]) -> List[str]:
-    if op != "attention" or not tensors or not tensors[0].is_floating_point():
-        return []  # (the model asks with its int input_ids to choose the padding-free path)
-    q = tensors[0]
-    reasons = []
-    if q.dtype not in _ATTENTION_DTYPES:
-        reasons.append(f"the attention kernel takes fp16/bf16/fp32, got {q.dtype}")
-    if q.dim() >= 3 and q.shape[-1] > _ATTENTION_MAX_HEAD_DIM:
-        reasons.append(f"the attention kernel takes head_dim <= {_ATTENTION_MAX_HEAD_DIM}, "
-                       f"got {q.shape[-1]}")
     return reasons
 
 
@@ -172,6 +157,13 @@ def _kernel_module(op: str):
 def _describe(tensors: Sequence[torch.Tensor]) -> str:
     return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
                      for t in tensors)
+
+
+def _explicit_backend(backend: str) -> str:
+    """``backend`` as the user set it: the argument, or SPANBERT_FAST_BACKEND for "auto"."""
+    if backend == "auto":
+        return os.environ.get(_ENV_BACKEND, "").strip().lower() or "auto"
+    return backend
 
 
 def resolve_backend(backend: str, op: str, tensors: Sequence[torch.Tensor]) -> str:
@@ -692,12 +684,21 @@ def _run_attention(backend: str, args: tuple) -> torch.Tensor:
     """Attention's dispatch: the Triton path goes through the flash-attention custom ops
     (forward saves lse); masks the kernel cannot read fall back to the reference."""
     q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p = args
-    chosen = resolve_backend(backend, "attention",
-                             [t for t in (q, k, v, key_padding_mask, cu_seqlens) if t is not None])
+    tensors = [t for t in (q, k, v, key_padding_mask, cu_seqlens) if t is not None]
+    chosen = resolve_backend(backend, "attention", tensors)
     if chosen == "triton" and key_padding_mask is not None and _values_checkable() \
             and not _is_right_padding(key_padding_mask):
-        _warn_once("left_padding", "attention: key_padding_mask is not right padding (ones "
-                   "then zeros), which the Triton kernel needs; running the torch backend")
+        # The padded kernel reads key lengths, so only right padding; the packed layout
+        # (cu_seqlens, what the models run) takes any mask. Never a silent substitution:
+        # an explicit "triton" (argument or SPANBERT_FAST_BACKEND) is refused.
+        reason = ("key_padding_mask is not right padding (ones then zeros), and the padded "
+                  "Triton kernel reads key lengths; unpad to the packed layout (cu_seqlens) "
+                  "or right-pad")
+        if _explicit_backend(backend) == "triton":
+            raise BackendUnavailableError(
+                f"backend 'triton' cannot run attention on inputs [{_describe(tensors)}]:\n"
+                f"  - {reason}\nUse backend='torch' (or 'auto').")
+        _warn_once("left_padding", f"attention: {reason}; running the torch backend")
         chosen = "torch"
     if chosen == "torch":
         # The fast torch backend (SDPA), not the oracle: reference.attention is what

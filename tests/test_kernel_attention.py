@@ -153,13 +153,17 @@ def test_compile_fullgraph_over_triton_attention():
     assert_close(q.grad, expected_q.grad, max_rel=FP32_REL, name="compiled dq")
 
 
-def test_left_padding_falls_back_to_reference_with_a_warning():
+def test_left_padding_is_refused_under_explicit_triton():
+    """The padded kernel reads key lengths. Under an explicit backend="triton" a left-padded
+    mask used to run the torch reference after a once-per-process warning (a silent
+    substitution); it is now refused, naming the packed layout as the way out, and the
+    torch backend gives the oracle's answer."""
     tensors, mask, cu_seqlens, seq = _inputs("padded", torch.float32, 1, 16, lengths=(3, 9))
     q, k, v = (t.float() for t in tensors[:3])
     left = mask.flip(1)
-    ops._warned.discard("left_padding")
-    with pytest.warns(UserWarning, match="not right padding"):
-        got = ops.attention(q, k, v, key_padding_mask=left, backend="triton")
+    with pytest.raises(ops.BackendUnavailableError, match="not right padding.*cu_seqlens"):
+        ops.attention(q, k, v, key_padding_mask=left, backend="triton")
+    got = ops.attention(q, k, v, key_padding_mask=left, backend="torch")
     assert_close(got, reference.attention(q, k, v, left), max_rel=FP32_REL, name="left padding")
     # Inside the custom op (e.g. under torch.compile, where it cannot be checked first) the
     # same mask is refused, never silently misread.

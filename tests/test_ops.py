@@ -371,3 +371,47 @@ def test_span_boundary_head_checks_the_device_of_every_tensor():
     params["b1"] = params["b1"].to("meta")
     with pytest.raises(ValueError, match="b1 on meta"):
         ops.span_boundary_head(hidden, left, right, rel, backend="triton", **params)
+
+
+# ---------------------------------------------------------------------------------------
+# What a kernel cannot run is said by the kernel, and never silently substituted
+# ---------------------------------------------------------------------------------------
+def test_a_row_too_wide_for_the_layer_norm_kernel_is_refused_by_dispatch():
+    """A (2, 20000) input passed dispatch under backend="triton" and failed in the launcher
+    with a plain ValueError; "auto" must fall back instead of failing at all."""
+    x, w, b = torch.randn(2, 20000), torch.randn(20000), torch.randn(20000)
+    with pytest.raises(ops.BackendUnavailableError, match="hidden size 20000"):
+        ops.layer_norm(x, w, b, backend="triton")
+    assert ops.resolve_backend("auto", "layer_norm", [x.cuda() if torch.cuda.is_available()
+                                                       else x, w, b]) == "torch"
+    assert ops._triton_reasons("layer_norm", [torch.randn(2, 768), w[:768], b[:768]]) == []
+
+
+def test_attention_limits_come_from_the_kernel_file():
+    kernel = ops._kernel_module("attention")
+    q = torch.randn(1, 2, 4, 256)
+    assert any("head_dim <= 128" in r for r in kernel.not_supported_reasons([q]))
+    with pytest.raises(ops.BackendUnavailableError, match="head_dim <= 128"):
+        ops.attention(q, q, q, backend="triton")
+    assert kernel.not_supported_reasons([torch.zeros(2, 3, dtype=torch.long)]) == []
+
+
+def test_left_padding_under_explicit_triton_is_refused_not_substituted(monkeypatch):
+    """The padded kernel reads key lengths: a left-padded mask ran the torch backend under
+    backend="triton" after a once-per-process warning. Explicit triton now refuses, with
+    the way out; auto still falls back, with the warning."""
+    q, k, v = (torch.randn(2, 2, 6, 8) for _ in range(3))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :2] = False  # left padding
+    with pytest.raises(ops.BackendUnavailableError, match="not right padding"):
+        ops.attention(q, k, v, key_padding_mask=mask, backend="triton")
+    monkeypatch.setenv("SPANBERT_FAST_BACKEND", "triton")
+    with pytest.raises(ops.BackendUnavailableError, match="not right padding"):
+        ops.attention(q, k, v, key_padding_mask=mask)
+    monkeypatch.delenv("SPANBERT_FAST_BACKEND")
+    # "auto" picks Triton on CUDA only; there it falls back with the warning.
+    out = ops.attention(q, k, v, key_padding_mask=mask, backend="auto")
+    expected = reference.attention(q, k, v, mask, None, 0, 8 ** -0.5, 0.0)
+    assert torch.allclose(out, expected, atol=1e-6)
+    right = mask.flip(1)  # right padding still runs the kernel
+    assert ops.attention(q, k, v, key_padding_mask=right, backend="triton").shape == q.shape
