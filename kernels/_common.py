@@ -4,7 +4,9 @@ unwritten elements."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import contextlib
+import threading
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 import triton
@@ -78,3 +80,24 @@ def needs_flags(needs_input_grad, names: Sequence[str]) -> List[bool]:
         raise ValueError(f"needs_input_grad must be a list of {len(names)} bools "
                          f"({', '.join(names)}), got {needs_input_grad!r}")
     return [bool(n) for n in needs]
+
+
+# The launchers' value checks (labels and SBO indices in range) read tensor data: a host
+# synchronisation per call on a GPU. A caller that has checked those values already, in one
+# batched reduction for the whole step (spanbert_fast's models), switches them off for its
+# thread with skip_value_checks(); called on their own the launchers keep checking.
+_value_checks = threading.local()
+
+
+def value_checks_enabled() -> bool:
+    return not getattr(_value_checks, "skipped", False)
+
+
+@contextlib.contextmanager
+def skip_value_checks() -> Iterator[None]:
+    previous = getattr(_value_checks, "skipped", False)
+    _value_checks.skipped = True
+    try:
+        yield
+    finally:
+        _value_checks.skipped = previous

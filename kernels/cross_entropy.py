@@ -62,7 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator_dtype, check_float_tensor, empty_buffer, needs_flags
+from ._common import (accumulator_dtype, check_float_tensor, empty_buffer, needs_flags,
+                      value_checks_enabled)
 
 __all__ = ["linear_cross_entropy_forward", "forward", "backward", "DEFAULT_CHUNK_BYTES",
            "not_supported_reasons"]
@@ -248,7 +249,9 @@ def _linear_cross_entropy(
     acc = accumulator_dtype(hidden.dtype)
     need_bias = need_bias and bias is not None
     labels = labels.contiguous()
-    n_valid = _count_valid_labels(labels, ignore_index, vocab)
+    # Checked here (one host sync), unless the caller checked the labels already; either
+    # way the mean's denominator stays on the device, folded into the gradient scale.
+    n_valid = _count_valid_labels(labels, ignore_index, vocab) if value_checks_enabled() else None
 
     grad_hidden = _empty((n_rows, width), hidden.dtype, device) if need_hidden else None
     if n_valid == 0:
@@ -272,10 +275,11 @@ def _linear_cross_entropy(
     gemm_weight = weight.to(hidden.dtype)
     loss_rows = _empty((n_rows,), acc, device)
     compute_grad = need_hidden or need_weight or need_bias
+    count = (labels != ignore_index).sum().clamp_min(1).to(acc).reshape(1)
     if grad_output is None:
-        grad_scale = torch.ones(1, dtype=acc, device=device)
+        grad_scale = 1.0 / count
     else:
-        grad_scale = grad_output.detach().reshape(1).to(device=device, dtype=acc)
+        grad_scale = grad_output.detach().reshape(1).to(device=device, dtype=acc) / count
     weight_t = gemm_weight.t()
     grad_weight: Optional[torch.Tensor] = None
     grad_weight_acc: Optional[torch.Tensor] = None  # fp32 sum over chunks (fp16/bf16)
@@ -291,7 +295,7 @@ def _linear_cross_entropy(
             torch.addmm(bias_in, h_chunk, weight_t, out=logits)
         _cross_entropy_rows_kernel[(end - start,)](
             logits, labels[start:end], loss_rows[start:end], grad_scale,
-            vocab, ignore_index, n_valid,
+            vocab, ignore_index, 1,  # n_valid: already divided into grad_scale
             logits.stride(0),
             COMPUTE_GRAD=compute_grad, ACC_DTYPE=tl.float64 if acc == torch.float64
             else tl.float32,
@@ -320,7 +324,7 @@ def _linear_cross_entropy(
         grad_weight = grad_weight_acc.to(weight.dtype)
     elif grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)  # one chunk of an autocast layout
-    loss = loss_rows.sum() / n_valid
+    loss = loss_rows.sum() / count[0]
     grad_bias = grad_bias_acc.to(bias.dtype) if need_bias else None
     return loss, grad_hidden, grad_weight, grad_bias
 

@@ -64,7 +64,8 @@ import triton
 import triton.language as tl
 
 from ._common import (accumulator_dtype, check_float_tensor, empty_buffer, gelu_erf,
-                      gelu_erf_derivative, needs_flags, tl_accumulator_dtype)
+                      gelu_erf_derivative, needs_flags, tl_accumulator_dtype,
+                      value_checks_enabled)
 
 __all__ = [
     "forward",
@@ -369,8 +370,10 @@ def bias_gelu_layer_norm_backward(
 # The head: validation, forward, backward
 # --------------------------------------------------------------------------------------
 def _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table, w1, b1,
-                       ln1_weight, ln1_bias, w2, b2, ln2_weight, ln2_bias, eps) -> None:
-    """Shapes, dtypes, devices and index ranges (one host sync for the three ranges)."""
+                       ln1_weight, ln1_bias, w2, b2, ln2_weight, ln2_bias, eps,
+                       values: bool = True) -> None:
+    """Shapes, dtypes, devices and, if ``values``, index ranges (one host sync for the
+    three ranges; the backward passes False: its forward checked the same indices)."""
     check_float_tensor("hidden", hidden, ndim=2)
     tokens, width = hidden.shape
     for name, t in (("left_index", left_index), ("right_index", right_index),
@@ -415,10 +418,11 @@ def _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table,
     if len({t.device for t in tensors.values()}) > 1:
         listing = ", ".join(f"{k} on {t.device}" for k, t in tensors.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
-    if n == 0:
+    if n == 0 or not values or not value_checks_enabled():
         return
     # An index out of range would read out of bounds in index_select or the kernel (a
-    # device-side assert on CUDA): refuse it here with the offending range.
+    # device-side assert on CUDA): refuse it here with the offending range (unless the
+    # caller checked them already: see _common.skip_value_checks).
     lows = torch.stack([left_index.min(), right_index.min(), rel_pos.min()])
     highs = torch.stack([left_index.max(), right_index.max(), rel_pos.max()])
     (l_lo, r_lo, p_lo), (l_hi, r_hi, p_hi) = torch.stack([lows, highs]).tolist()
@@ -497,7 +501,7 @@ def backward(grad_output: torch.Tensor, hidden: torch.Tensor, left_index: torch.
     ``grad_output``: ``(N, H)``. ``needs_input_grad``: 13 bools in the same order.
     """
     _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table, w1, b1,
-                       ln1_weight, ln1_bias, w2, b2, ln2_weight, ln2_bias, eps)
+                       ln1_weight, ln1_bias, w2, b2, ln2_weight, ln2_bias, eps, values=False)
     n, width = left_index.shape[0], hidden.shape[1]
     check_float_tensor("grad_output", grad_output, ndim=2)
     if tuple(grad_output.shape) != (n, width):

@@ -12,6 +12,7 @@ read); ``last_hidden_state`` at real positions matches transformers.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -253,6 +254,9 @@ class _SpanBertPreTrainedModel(nn.Module):
         self.config = config
         self.backend = backend
         self.layout = layout
+        # One batched check of every id, label and SBO target per forward (one host sync);
+        # False skips it (SPANBERT_FAST_CHECK_VALUES=0 too): bad values are then not caught.
+        self.check_values = True
 
     @property
     def layout(self) -> str:
@@ -286,6 +290,12 @@ class _SpanBertPreTrainedModel(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         self.tie_weights()
+
+    def _reads_values(self) -> bool:
+        """Whether a forward runs the one batched value check (check_values, the
+        SPANBERT_FAST_CHECK_VALUES variable, and never while torch.compile traces)."""
+        return (self.check_values and ops._values_checkable()
+                and os.environ.get(_ENV_CHECK_VALUES, "1").strip() != "0")
 
     def tie_weights(self) -> None:
         """Point every decoder at the word-embedding matrix (no-op without heads)."""
@@ -366,8 +376,12 @@ def _validate_inputs(config: SpanBertConfig, input_ids, attention_mask, token_ty
             raise TypeError(f"{name} must be a real tensor, got {t.dtype}")
         if t.device != input_ids.device:
             raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
-    if not ops._values_checkable():
-        return
+
+
+def _check_input_values(config: SpanBertConfig, input_ids, attention_mask, token_type_ids,
+                        position_ids) -> None:
+    """The encoder inputs' values, one argument at a time (a host sync each): run only
+    once :func:`_check_values_once` found something wrong, to say exactly what."""
     ops._check_index_range("input_ids", input_ids, 0, config.vocab_size)
     if token_type_ids is not None:
         ops._check_index_range("token_type_ids", token_type_ids, 0, config.type_vocab_size)
@@ -378,6 +392,92 @@ def _validate_inputs(config: SpanBertConfig, input_ids, attention_mask, token_ty
         if bool(bad.any()):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token); for an "
                              "additive float mask use ops.attention(attn_bias=...)")
+
+
+# SPANBERT_FAST_CHECK_VALUES=0 switches the models' value checks off (as check_values=False).
+_ENV_CHECK_VALUES = "SPANBERT_FAST_CHECK_VALUES"
+
+
+@dataclass
+class _Checked:
+    """What a forward's one batched value check read back (host ints): the number of real
+    positions, the longest row's real length, and (with MLM labels) the masked rows."""
+
+    real_tokens: int
+    longest: int
+    masked: Optional[int] = None
+
+
+def _check_values_once(config: SpanBertConfig, input_ids, attention_mask, valid,
+                       token_type_ids, position_ids, labels=None, sbo_targets=None) -> _Checked:
+    """Every value check of a forward (and of a pretraining step's labels and SBO targets)
+    as counts reduced into one tensor, read back in ONE host synchronisation together with
+    the sizes the step needs (real tokens, longest row, masked rows), so that the ops and
+    the unpadding then read nothing more. When a count is not zero, the per-argument checks
+    run to raise their precise ValueError (the slow path is the error path)."""
+    batch, seq = input_ids.shape
+    bad = []
+    bad.append(((input_ids < 0) | (input_ids >= config.vocab_size)).sum())
+    if token_type_ids is not None:
+        bad.append(((token_type_ids < 0) | (token_type_ids >= config.type_vocab_size)).sum())
+    if position_ids is not None:
+        bad.append(((position_ids < 0)
+                    | (position_ids >= config.max_position_embeddings)).sum())
+    if attention_mask is not None:
+        bad.append(((attention_mask != 0) & (attention_mask != 1)).sum())
+    sizes = []
+    if valid is not None:
+        lengths = valid.sum(dim=1)
+        sizes += [lengths.sum(), lengths.max()]
+    if labels is not None:
+        masked = labels != -100
+        bad.append((masked & ((labels < 0) | (labels >= config.vocab_size))).sum())
+        sizes.append(masked.sum())
+    if sbo_targets is not None and sbo_targets.numel():
+        row, left, right, rel, label = sbo_targets.unbind(1)
+        target = left + 1 + rel
+        out_of_range = ((row < 0) | (row >= batch) | (left < 0) | (left >= seq) | (right < 0)
+                        | (right >= seq) | (rel < 0) | (rel >= config.sbo_max_targets)
+                        | (label < 0) | (label >= config.vocab_size) | (target >= right))
+        bad.append(out_of_range.sum())
+        if valid is not None:
+            # Boundaries and target on real tokens (clamped reads: a bad index is counted
+            # above and must not fault here).
+            rows = row.clamp(0, batch - 1)
+            real = (valid[rows, left.clamp(0, seq - 1)] & valid[rows, right.clamp(0, seq - 1)]
+                    & valid[rows, target.clamp(0, seq - 1)])
+            bad.append((~real).sum())
+    values = torch.stack([t.to(torch.int64) for t in bad + sizes]).tolist()  # the one sync
+    if any(values[:len(bad)]):
+        _check_input_values(config, input_ids, attention_mask, token_type_ids, position_ids)
+        if labels is not None:
+            _check_label_values(labels, config.vocab_size)
+        if sbo_targets is not None:
+            _check_sbo_values(sbo_targets, batch, seq, config, valid)
+        raise ValueError("the batched value check found an out-of-range id, label or SBO "
+                         "target that the per-argument checks did not")  # pragma: no cover
+    sizes = values[len(bad):]
+    if valid is not None:
+        real_tokens, longest = sizes[0], sizes[1]
+        sizes = sizes[2:]
+    else:
+        real_tokens, longest = batch * seq, seq
+    return _Checked(real_tokens=real_tokens, longest=longest,
+                    masked=sizes[0] if labels is not None else None)
+
+
+def _check_label_values(labels: torch.Tensor, vocab_size: int) -> None:
+    flat = labels.reshape(-1)
+    ops._check_index_range("labels (where not -100)", flat[flat != -100], 0, vocab_size)
+
+
+def _positions_of(flags: torch.Tensor, count: Optional[int]) -> torch.Tensor:
+    """(count,) int64 positions of the True entries of 1-D ``flags``, in order. With
+    ``count`` known (from the batched check) no host sync: a stable sort puts the True
+    entries first; without it, ``nonzero`` (which syncs to learn the size)."""
+    if count is None:
+        return flags.nonzero().squeeze(1)
+    return torch.argsort((~flags).to(torch.uint8), stable=True)[:count]
 
 
 class SpanBertModel(_SpanBertPreTrainedModel):
@@ -424,6 +524,21 @@ class SpanBertModel(_SpanBertPreTrainedModel):
         ``output_attentions`` and ``head_mask`` are refused with a ValueError."""
         as_tuple = _check_transformers_options(return_dict, output_attentions, head_mask)
         _validate_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
+        checked = None
+        if self._reads_values():
+            checked = _check_values_once(
+                self.config, input_ids, attention_mask,
+                attention_mask != 0 if attention_mask is not None else None,
+                token_type_ids, position_ids)
+        with ops.values_checked():
+            out = self._encode(input_ids, attention_mask, token_type_ids, position_ids,
+                               output_hidden_states, checked)
+        return out.to_tuple() if as_tuple else out
+
+    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids,
+                output_hidden_states, checked: Optional[_Checked]) -> SpanBertModelOutput:
+        """The forward once the inputs are checked: ``checked`` holds what the batched
+        check read (None when value checks are off or under torch.compile)."""
         batch, seq = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -434,17 +549,17 @@ class SpanBertModel(_SpanBertPreTrainedModel):
         else:
             position_ids = position_ids.expand(batch, seq)
         valid = None
-        real_share = 0.0  # unknown (not read under torch.compile): counts as padded
+        real_share = 0.0  # unknown (checks off, or torch.compile): counts as padded
         if attention_mask is not None:
             valid = attention_mask != 0
-            if ops._values_checkable():
-                real = int(valid.sum())  # one read answers "any padding?" and "how much?"
-                real_share = real / valid.numel()
-                if real == valid.numel():
+            if checked is not None:
+                real_share = checked.real_tokens / valid.numel()
+                if checked.real_tokens == valid.numel():
                     valid = None  # no padding: skip the masking work entirely
         collected = [] if output_hidden_states else None
         if self._runs_packed(input_ids, valid, real_share):
-            hidden = self._encode_packed(input_ids, token_type_ids, position_ids, valid, collected)
+            hidden = self._encode_packed(input_ids, token_type_ids, position_ids, valid,
+                                         collected, checked)
         else:
             hidden = self.embeddings(input_ids, token_type_ids, position_ids)
             keep = None
@@ -466,10 +581,9 @@ class SpanBertModel(_SpanBertPreTrainedModel):
                 # [CLS]), which is position 0 unless the row is left-padded.
                 first = valid.int().argmax(1)
             pooled = self.pooler(hidden, first)
-        out = SpanBertModelOutput(last_hidden_state=hidden, pooler_output=pooled,
-                                  hidden_states=tuple(collected) if collected is not None else None)
-        return out.to_tuple() if as_tuple else out
-
+        return SpanBertModelOutput(last_hidden_state=hidden, pooler_output=pooled,
+                                   hidden_states=tuple(collected) if collected is not None
+                                   else None)
 
     def _runs_packed(self, input_ids: torch.Tensor, valid: Optional[torch.Tensor],
                      real_share: float) -> bool:
@@ -492,10 +606,14 @@ class SpanBertModel(_SpanBertPreTrainedModel):
             return True
         return valid is not None and real_share < PACK_BELOW_REAL_SHARE
 
-    def _encode_packed(self, input_ids, token_type_ids, position_ids, valid, collected):
+    def _encode_packed(self, input_ids, token_type_ids, position_ids, valid, collected,
+                       checked: Optional[_Checked] = None):
         """Unpad once before the embeddings, run every layer on (total_tokens, hidden) with
-        the packed attention, repad once at the end (zeros at padded positions)."""
-        where = unpad(valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool))
+        the packed attention, repad once at the end (zeros at padded positions). With the
+        batched check's sizes the unpadding reads nothing from the device."""
+        mask = valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        where = unpad(mask, total_tokens=None if checked is None else checked.real_tokens,
+                      longest=None if checked is None else checked.longest)
 
         def gather(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(-1).index_select(0, where.indices)
@@ -582,7 +700,13 @@ def _validate_sbo_targets(sbo_targets, batch: int, seq: int, config: SpanBertCon
         raise TypeError(f"sbo_targets must be int64, got {sbo_targets.dtype}")
     if sbo_targets.device != device:
         raise ValueError(f"sbo_targets is on {sbo_targets.device} but input_ids is on {device}")
-    if sbo_targets.numel() == 0 or not ops._values_checkable():
+
+
+def _check_sbo_values(sbo_targets: torch.Tensor, batch: int, seq: int, config: SpanBertConfig,
+                      valid: Optional[torch.Tensor]) -> None:
+    """The SBO targets' values, column by column (host syncs): run only once
+    :func:`_check_values_once` found something wrong, to say exactly what."""
+    if sbo_targets.numel() == 0:
         return
     row, left, right, rel, label = sbo_targets.unbind(1)
     ops._check_index_range("sbo_targets[:, 0] (row)", row, 0, batch)
@@ -647,16 +771,13 @@ class SpanBertForPreTraining(_SpanBertPreTrainedModel):
         """``labels``: (batch, seq) int64 MLM targets, -100 where not masked (transformers'
         convention). ``sbo_targets``: (N, 5) int64 rows ``(row, left, right, rel_pos, label)``:
         batch row, the span's outer boundary positions ``s-1`` and ``e+1``, the target's offset
-        inside the span and its token id. The MLM head runs only on the masked rows."""
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
-                        output_hidden_states=output_hidden_states)
-        hidden = out.last_hidden_state
-        batch, seq, width = hidden.shape
-        flat = hidden.reshape(batch * seq, width)
-        heads = self.cls
-        embeddings = self.bert.embeddings.word_embeddings.weight
+        inside the span and its token id. The MLM head runs only on the masked rows.
 
-        mlm_loss = sbo_loss = prediction_logits = sbo_logits = None
+        Every id, label and SBO target is checked in one batched reduction per step (one
+        host synchronisation, which also reads the sizes the step needs); then no op reads
+        the device again (``check_values=False`` skips the check)."""
+        _validate_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
+        batch, seq = input_ids.shape
         if labels is not None:
             if not isinstance(labels, torch.Tensor):
                 raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -665,17 +786,40 @@ class SpanBertForPreTraining(_SpanBertPreTrainedModel):
                                  f"got {tuple(labels.shape)}")
             if labels.dtype != torch.int64:
                 raise TypeError(f"labels must be int64 (-100 = not masked), got {labels.dtype}")
+        valid = attention_mask != 0 if attention_mask is not None else None
+        if sbo_targets is not None:
+            _validate_sbo_targets(sbo_targets, batch, seq, self.config, valid, input_ids.device)
+        checked = None
+        if self._reads_values():
+            checked = _check_values_once(self.config, input_ids, attention_mask, valid,
+                                         token_type_ids, position_ids, labels, sbo_targets)
+        with ops.values_checked():
+            return self._heads(input_ids, attention_mask, token_type_ids, position_ids, labels,
+                               sbo_targets, return_logits, output_hidden_states, checked)
+
+    def _heads(self, input_ids, attention_mask, token_type_ids, position_ids, labels,
+               sbo_targets, return_logits, output_hidden_states,
+               checked: Optional[_Checked]) -> SpanBertPreTrainingOutput:
+        out = self.bert._encode(input_ids, attention_mask, token_type_ids, position_ids,
+                                output_hidden_states, checked)
+        hidden = out.last_hidden_state
+        batch, seq, width = hidden.shape
+        flat = hidden.reshape(batch * seq, width)
+        heads = self.cls
+        embeddings = self.bert.embeddings.word_embeddings.weight
+
+        mlm_loss = sbo_loss = prediction_logits = sbo_logits = None
+        if labels is not None:
             flat_labels = labels.reshape(-1)
             if ops._values_checkable():
-                rows = (flat_labels != -100).nonzero().squeeze(1)
+                rows = _positions_of(flat_labels != -100,
+                                     None if checked is None else checked.masked)
             else:
                 rows = torch.arange(flat_labels.numel(), device=labels.device)
             mlm_loss = ops.linear_cross_entropy(
                 heads.predictions.transform_rows(flat.index_select(0, rows)), embeddings,
                 heads.predictions.bias, flat_labels.index_select(0, rows), backend=self.backend)
         if sbo_targets is not None:
-            valid = attention_mask != 0 if attention_mask is not None else None
-            _validate_sbo_targets(sbo_targets, batch, seq, self.config, valid, input_ids.device)
             row, left, right, rel, label = sbo_targets.unbind(1)
             sbo_hidden = heads.pair_target_predictions.represent(
                 flat, row * seq + left, row * seq + right, rel)

@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import math
 import os
+import threading
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -239,13 +240,40 @@ def _check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
 
 
 def _values_checkable() -> bool:
-    """Value checks (ranges) read tensor data; skip them while torch.compile traces."""
+    """Whether tensor data may be read on the host: not while torch.compile traces."""
     return not torch.compiler.is_compiling()
+
+
+# Value checks (ids, labels, indices in range) read tensor data: one host synchronisation
+# each on a GPU, per op call and per layer. The models check every value once per step in
+# one batched reduction and then run their ops inside values_checked(), which skips the
+# per-call checks here and in the kernel launchers. An op called on its own checks.
+_checks = threading.local()
+
+
+def _value_checks_on() -> bool:
+    return _values_checkable() and not getattr(_checks, "done_upstream", False)
+
+
+@contextlib.contextmanager
+def values_checked():
+    """Run ops whose index/label values the caller has already checked (the models' one
+    batched check per step): no per-call value check, so no per-call host sync."""
+    previous = getattr(_checks, "done_upstream", False)
+    _checks.done_upstream = True
+    with contextlib.ExitStack() as stack:
+        if _KERNEL_MODULES:  # triton is importable: the launchers check too
+            from .kernels import _common as kernel_common
+            stack.enter_context(kernel_common.skip_value_checks())
+        try:
+            yield
+        finally:
+            _checks.done_upstream = previous
 
 
 def _check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
     """Every value of integer tensor ``t`` must lie in ``[low, high)``."""
-    if t.numel() == 0 or not _values_checkable():
+    if t.numel() == 0 or not _value_checks_on():
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < low or hi >= high:
@@ -637,7 +665,7 @@ def attention(
                              f"got {cu_seqlens.numel()}")
         if max_seqlen is None or int(max_seqlen) < 0:
             raise ValueError(f"max_seqlen must be a non-negative int with cu_seqlens, got {max_seqlen!r}")
-        if _values_checkable():
+        if _value_checks_on():
             lengths = cu_seqlens[1:] - cu_seqlens[:-1]
             if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0]:
                 raise ValueError(
@@ -857,7 +885,7 @@ def linear_cross_entropy(
     _check_shape("labels", labels, (hidden.shape[0],))
     _check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     _check_matmul_dtypes(hidden=hidden, weight=weight, bias=bias)
-    if labels.numel() and _values_checkable():
+    if labels.numel() and _value_checks_on():
         valid = labels[labels != ignore_index]
         _check_index_range("labels", valid, 0, weight.shape[0])
     chosen = resolve_backend(backend, "linear_cross_entropy",

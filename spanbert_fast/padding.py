@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Optional
+
 import torch
 
 __all__ = ["Unpadded", "unpad", "pad_rows"]
@@ -21,8 +23,8 @@ class Unpadded:
 
     ``indices``: ``(total_tokens,)`` int64 flat positions ``b * seq + s`` of the real tokens,
     in row-major order. ``cu_seqlens``: ``(batch + 1,)`` int32 cumulative token counts.
-    ``max_seqlen``: an upper bound on the per-row lengths (the padded width ``seq``; a bound
-    is enough for the kernel's grid and needs no device-to-host sync).
+    ``max_seqlen``: the longest row's length when the caller knew it, else an upper bound
+    (the padded width ``seq``; a bound is enough for the kernel's grid).
     """
 
     indices: torch.Tensor
@@ -32,14 +34,25 @@ class Unpadded:
     seq: int
 
 
-def unpad(attention_mask: torch.Tensor) -> Unpadded:
-    """``attention_mask`` ``(batch, seq)`` (bool or 0/1 ints) -> :class:`Unpadded`."""
+def unpad(attention_mask: torch.Tensor, total_tokens: Optional[int] = None,
+          longest: Optional[int] = None) -> Unpadded:
+    """``attention_mask`` ``(batch, seq)`` (bool or 0/1 ints) -> :class:`Unpadded`.
+
+    ``total_tokens`` (the number of real positions) and ``longest`` (the longest row's),
+    when the caller has read them already (the models' batched value check), make this
+    free of host synchronisation: the real positions come from a stable sort instead of
+    ``nonzero`` (whose output size the host must wait for), and ``max_seqlen`` is exact
+    instead of the padded width."""
     batch, seq = attention_mask.shape
     valid = attention_mask.reshape(-1) != 0
-    indices = valid.nonzero().squeeze(1)
+    if total_tokens is None:
+        indices = valid.nonzero().squeeze(1)
+    else:
+        indices = torch.argsort((~valid).to(torch.uint8), stable=True)[:total_tokens]
     lengths = (attention_mask != 0).sum(dim=1, dtype=torch.int32)
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return Unpadded(indices=indices, cu_seqlens=cu_seqlens, max_seqlen=seq, batch=batch, seq=seq)
+    return Unpadded(indices=indices, cu_seqlens=cu_seqlens,
+                    max_seqlen=seq if longest is None else longest, batch=batch, seq=seq)
 
 
 def pad_rows(rows: torch.Tensor, where: Unpadded) -> torch.Tensor:

@@ -44,14 +44,6 @@ def _sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.masked_fill(empty[:, None, None, None], 0.0)
 
 
-def _longest(lengths: torch.Tensor, bound: int) -> int:
-    """The longest sequence, read exactly where that costs nothing (a CPU tensor, outside
-    torch.compile), else ``bound`` (max_seqlen: an upper bound that needs no GPU sync)."""
-    if lengths.device.type == "cpu" and not torch.compiler.is_compiling() and lengths.numel():
-        return min(int(lengths.max()), bound)
-    return bound
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
               max_seqlen: int, softmax_scale: float, dropout_p: float) -> torch.Tensor:
@@ -70,7 +62,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch = cu_seqlens.numel() - 1
     starts = cu_seqlens[:-1].to(torch.long)
     lengths = cu_seqlens[1:].to(torch.long) - starts
-    width = _longest(lengths, int(max_seqlen))
+    # The block is as wide as max_seqlen: the models pass the exact longest row (read in
+    # their one batched check), so no padding beyond it is attended over.
+    width = int(max_seqlen)
     # Token t of sequence b goes to row b * width + (t - start_b) of the padded block.
     sequence = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths,
                                        output_size=total)
