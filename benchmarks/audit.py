@@ -603,9 +603,19 @@ def write_outputs(doc: Dict[str, Any], out_dir: str) -> Tuple[str, str]:
     """``<out_dir>/audit-triton<version>-<date>.{json,md}``, both written atomically."""
     from spanbert_fast.checkpoint import _atomic_write_all
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"audit-triton{doc['versions']['triton']}-{doc['date']}")
-    text = {".json": json.dumps(doc, indent=1) + "\n", ".md": markdown(doc)}
-    _atomic_write_all([(stem + ext, _text_writer(content)) for ext, content in text.items()])
+    paths = _output_paths(out_dir, doc["versions"]["triton"], doc["date"])
+    contents = (json.dumps(doc, indent=1) + "\n", markdown(doc))
+    _atomic_write_all([(path, _text_writer(text)) for path, text in zip(paths, contents)])
+    return paths
+
+
+def _output_paths(out_dir: str, version: Optional[str] = None,
+                  date: Optional[str] = None) -> Tuple[str, str]:
+    """``<out_dir>/audit-triton<version>-<date>.{json,md}`` (today, installed triton)."""
+    version = triton.__version__ if version is None else version
+    date = (datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+            if date is None else date)
+    stem = os.path.join(out_dir, f"audit-triton{version}-{date}")
     return stem + ".json", stem + ".md"
 
 
@@ -639,6 +649,9 @@ def build_parser(prog: str = "python -m benchmarks.audit") -> argparse.ArgumentP
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help="folder of audit-triton<version>-<date>.{json,md} "
                              "(default: benchmarks/results)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing audit file of the same triton version and "
+                             "date (refused otherwise)")
     parser.add_argument("--json", default=None,
                         help="write the audit document to this file instead (no .md)")
     parser.add_argument("--compare", metavar="BASELINE.json", default=None,
@@ -677,6 +690,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks
         return _report(doc, baseline, args)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error(INTERPRETER_REFUSED)
+    targets = [args.json] if args.json is not None else list(_output_paths(args.out))
+    existing = [p for p in targets if os.path.exists(p) and p != os.devnull]
+    if existing and not args.overwrite:
+        parser.error(f"would replace {', '.join(existing)}: pass --overwrite to replace, "
+                     "or --out/--json to write elsewhere")
     supported = supported_archs()
     archs = args.arch if args.arch is not None else supported
     unsupported = [a for a in archs if a not in supported]

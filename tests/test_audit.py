@@ -70,6 +70,14 @@ def test_audit_refuses_the_interpreter():
     assert "TRITON_INTERPRET" in proc.stderr
 
 
+def test_audit_refuses_to_replace_an_existing_file(tmp_path):
+    existing = tmp_path / "audit.json"
+    existing.write_text("mine")
+    proc = _run_audit("--subset", "--json", str(existing))
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr, proc.stderr
+    assert existing.read_text() == "mine"
+
+
 def test_subset_covers_every_kernel_file(subset):
     ops = {row["op"] for row in subset["rows"]}
     assert ops == {"attention", "layer_norm", "gelu", "cross_entropy", "span_boundary"}
@@ -159,7 +167,8 @@ def test_compare_cli_exits_nonzero_on_a_planted_baseline(subset, tmp_path):
     """``--compare`` against a baseline planted with fewer registers (so the current
     audit grew > 10%) and no spill where the current audit spills: exit status 1."""
     current = copy.deepcopy(subset)
-    target = next(row for row in current["rows"] if row["archs"]["sm_90"]["registers"] > 40)
+    target = next(row for row in current["rows"] if row["archs"]["sm_90"]["registers"] > 40
+                  and not row["archs"]["sm_80"]["spills"])
     target["archs"]["sm_80"].update(spills=True, spill_store_bytes=24)
     planted = copy.deepcopy(subset)
     planted_row = next(row for row in planted["rows"] if row["id"] == target["id"])
