@@ -10,8 +10,9 @@ compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32
 sm_80, sm_90 and sm_100 with the ptxas the triton wheel bundles. Per compiled variant it
 reports:
 
-* registers per thread, stack and local memory (spills), from ``cuobjdump
-  --dump-resource-usage`` on the cubin;
+* registers per thread, stack frame and local memory, from ``cuobjdump
+  --dump-resource-usage`` on the cubin, and spills (bytes of spill stores / loads) from
+  ptxas' ``-v`` report: a stack frame alone is not a spill;
 * shared memory (``metadata.shared``) against the arch's per-block limit;
 * the tensor-core instruction each ``tl.dot`` lowered to (``mma.sync`` / ``wgmma`` /
   ``tcgen05.mma`` in the PTX; FMA when a dot stays off the tensor cores);
@@ -21,6 +22,10 @@ reports:
 Writes ``benchmarks/results/audit-triton<version>-<date>.{json,md}`` atomically.
 ``--compare BASELINE.json`` exits non-zero when a variant's registers grow by more than 10%
 or it starts to spill. ``--subset`` compiles the representative subset the CI gates use.
+
+The JIT's binding goes through triton internals (``create_function_from_signature``,
+``JITFunction._pack_args``, ``knobs``) as of triton 3.7.1: a triton that renames them
+fails here loudly rather than auditing a different specialisation.
 
 The interpreter cannot compile: ``TRITON_INTERPRET`` must be unset in this process (the
 test process sets it, so tests run the audit in a subprocess without it).
