@@ -4,6 +4,8 @@ Subcommands:
 
 ``bench``        the benchmark suite (``spanbert-fast bench --help``); every argument after
                  ``bench`` goes to it unchanged, as ``python -m benchmarks`` would take it.
+``audit``        the compile audit: every Triton kernel compiled for sm_80/sm_90/sm_100
+                 without a GPU (``spanbert-fast audit --help``; ``python -m benchmarks.audit``).
 ``pretrain``,    SpanBERT pretraining and SQuAD fine-tuning, from
 ``finetune-qa``  :mod:`spanbert_fast.commands` (``spanbert-fast pretrain --help``).
 """
@@ -45,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("bench", add_help=False,
                    help="run the benchmark suite (spanbert-fast bench --help for its options)")
+    sub.add_parser("audit", add_help=False,
+                   help="compile every Triton kernel for sm_80/sm_90/sm_100 without a GPU and "
+                        "report registers, spills, shared memory (spanbert-fast audit --help)")
     from .commands import add_training_commands
 
     add_training_commands(sub)
@@ -57,6 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args and args[0] == "bench":
         # Hand everything after "bench" to the suite's own parser, untouched.
         return int(_load_benchmarks().main(args[1:], prog="spanbert-fast bench") or 0)
+    if args and args[0] == "audit":
+        audit = importlib.import_module(_load_benchmarks().__name__ + ".audit")
+        return int(audit.main(args[1:], prog="spanbert-fast audit") or 0)
     parser = _parser()
     parsed = parser.parse_args(args)  # exits 2 on an unknown command, 0 on --help
     if parsed.command is None:

@@ -129,6 +129,9 @@ def _check_command(words, makefile: str) -> None:
         try:
             if args and args[0] == "bench":
                 bench_parser("spanbert-fast bench").parse_args(args[1:])
+            elif args and args[0] == "audit":
+                audit = importlib.import_module(_load_benchmarks().__name__ + ".audit")
+                audit.build_parser("spanbert-fast audit").parse_args(args[1:])
             else:
                 parsed = _parser().parse_args(args)
                 assert parsed.command is not None
