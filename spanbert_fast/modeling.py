@@ -468,7 +468,7 @@ def _check_values_once(config: SpanBertConfig, input_ids, attention_mask, valid,
 
 def _check_label_values(labels: torch.Tensor, vocab_size: int) -> None:
     flat = labels.reshape(-1)
-    ops._check_index_range("labels (where not -100)", flat[flat != -100], 0, vocab_size)
+    ops._check_index_range("labels", flat[flat != -100], 0, vocab_size)
 
 
 def _positions_of(flags: torch.Tensor, count: Optional[int]) -> torch.Tensor:
