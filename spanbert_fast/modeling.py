@@ -44,8 +44,8 @@ SBO_TARGET_FIELDS = ("row", "left", "right", "rel_pos", "label")
 # with a key mask; "auto" packs on the Triton backend always, and on the torch backend
 # when the batch's share of real tokens is below PACK_BELOW_REAL_SHARE.
 LAYOUTS = ("auto", "packed", "padded")
-# Measured on the 2-core CPU (BERT-base fp32, torch backend, forward, 16 rows of 128):
-# see _runs_packed. Below this share of real tokens the packed layout is faster.
+# Below this share of real tokens the packed layout is faster on the torch backend
+# (measured break-even ~97%, BERT-base fp32 on the CPU: see SpanBertModel._runs_packed).
 PACK_BELOW_REAL_SHARE = 0.95
 
 
@@ -594,9 +594,10 @@ class SpanBertModel(_SpanBertPreTrainedModel):
         the layout. On the Triton backend "auto" always packs. On the torch backend it
         packs a batch with padding whose real-token share is below PACK_BELOW_REAL_SHARE:
         the dense layers (~95% of the FLOPs at SpanBERT's lengths) then skip the padding,
-        and only attention sees a repadded block. Measured (2-core CPU, BERT-base fp32,
-        forward, 16 x 128): packed/padded time 0.47 at 40% real tokens, 0.76 at 70%, 0.93
-        at 85%, 1.02 at 95% (the gathers cost more than the padding they save).
+        and only attention sees a repadded block. Measured on the 2-core AMD EPYC CPU
+        (BERT-base fp32, forward, 16 x 128, one thread, median of 3): packed/padded time
+        0.46 at 40% real tokens, 0.72 at 70%, 0.83 at 85%, 0.91 at 90%, 0.97 at 95%, 1.005
+        at 98% (there the gathers cost what the padding saves).
         """
         if self._keep_padded_rows or torch.compiler.is_compiling():
             return False
