@@ -509,7 +509,8 @@ def test_qa_windows_are_question_then_context():
 def test_real_length_cases_give_packed_and_padded_rows_with_parity(tmp_path, capsys,
                                                                    fake_timer):
     code, out, err = _run_main(TINY + ["--ops", "encoder-sentences,encoder-qa-windows",
-                                       "--out", str(tmp_path), "--no-plots"], capsys)
+                                       "--batch", "16", "--out", str(tmp_path), "--no-plots"],
+                               capsys)
     assert code == 0, err
     doc = json.load(open(os.path.join(tmp_path, [f for f in os.listdir(tmp_path)
                                                  if f.endswith(".json")][0])))
@@ -522,3 +523,4 @@ def test_real_length_cases_give_packed_and_padded_rows_with_parity(tmp_path, cap
         for row in rows:
             assert row["parity_error"] is not None and row["parity_error"] < 1e-5, row
             assert 10 < row["shape"]["real_tokens_pct"] < 90
+            assert row["shape"]["batch"] == 16  # an explicit --batch sets the rows' sizes

@@ -7,8 +7,8 @@ what ``layout="auto"`` chooses between), ``ours-triton`` (CUDA), ``transformers-
 ``transformers-compile``. Parity is taken over real positions, and in fwd+bwd mode over
 every parameter's gradient too.
 
-Shapes: ``encoder-sentences`` draws 16 sentences (64 too in a full run) and pads them to
-the longest, as a tokenizer's ``padding=True`` does; ``encoder-qa-windows`` builds 4
+Shapes: ``encoder-sentences`` draws 16 sentences (64 too in a full run; ``--batch`` sets
+other counts) and pads them to the longest, as a tokenizer's ``padding=True`` does; ``encoder-qa-windows`` builds 4
 windows (8 in a full run) padded to 384 tokens (or the model's max_position_embeddings
 if fewer), as run_squad pads every window. A
 shape's ``seq`` is the padded width; the real-token share is in the row's details.
@@ -50,6 +50,8 @@ def _draw(kind: str, batch: int, ctx):
 def _shapes_for(kind: str, quick_batches, full_batches):
     def shapes(ctx) -> List[Shape]:
         batches = quick_batches if ctx.settings.quick else full_batches
+        if any(arg == "--batch" or arg.startswith("--batch=") for arg in ctx.settings.argv):
+            batches = ctx.settings.batches  # an explicit --batch picks the rows' sizes too
         out = []
         for batch in batches:
             ids, _, _ = _draw(kind, batch, ctx)
