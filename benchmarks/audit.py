@@ -670,6 +670,18 @@ def build_parser(prog: str = "python -m benchmarks.audit") -> argparse.ArgumentP
     return parser
 
 
+def _read_audit_file(parser, option: str, path: str) -> dict:
+    """An audit document from ``path`` (JSON with ``rows``), or exit 2 naming the option."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            doc = json.load(handle)
+        if not isinstance(doc, dict) or "rows" not in doc:
+            raise ValueError("no 'rows'")
+    except (OSError, ValueError) as err:
+        parser.error(f"{option} {path}: not an audit file ({err})")
+    return doc
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks.audit") -> int:
     """Run the audit (or check ``--input``); 1 when ``--compare`` finds a regression or,
     with ``--gates``, a gate fails."""
@@ -677,22 +689,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks
     args = parser.parse_args(argv)
     baseline = None
     if args.compare is not None:
-        try:
-            with open(args.compare, encoding="utf-8") as handle:
-                baseline = json.load(handle)
-            if not isinstance(baseline, dict) or "rows" not in baseline:
-                raise ValueError("no 'rows'")
-        except (OSError, ValueError) as err:
-            parser.error(f"--compare {args.compare}: not an audit file ({err})")
+        baseline = _read_audit_file(parser, "--compare", args.compare)
     if args.input is not None:
-        try:
-            with open(args.input, encoding="utf-8") as handle:
-                doc = json.load(handle)
-            if not isinstance(doc, dict) or "rows" not in doc:
-                raise ValueError("no 'rows'")
-        except (OSError, ValueError) as err:
-            parser.error(f"--input {args.input}: not an audit file ({err})")
-        return _report(doc, baseline, args)
+        return _report(_read_audit_file(parser, "--input", args.input), baseline, args)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error(INTERPRETER_REFUSED)
     targets = [args.json] if args.json is not None else list(_output_paths(args.out))
