@@ -406,6 +406,7 @@ class _Checked:
     real_tokens: int
     longest: int
     masked: Optional[int] = None
+    right_padded: Optional[bool] = None  # the mask is ones then zeros in every row
 
 
 def _check_values_once(config: SpanBertConfig, input_ids, attention_mask, valid,
@@ -428,7 +429,10 @@ def _check_values_once(config: SpanBertConfig, input_ids, attention_mask, valid,
     sizes = []
     if valid is not None:
         lengths = valid.sum(dim=1)
-        sizes += [lengths.sum(), lengths.max()]
+        # Right padding has no padding-then-token step in any row (the padded Triton
+        # attention reads key lengths; accelerate(padding="exact") runs it).
+        gaps = (valid[:, 1:] & ~valid[:, :-1]).sum()
+        sizes += [lengths.sum(), lengths.max(), gaps]
     if labels is not None:
         masked = labels != -100
         bad.append((masked & ((labels < 0) | (labels >= config.vocab_size))).sum())
@@ -457,13 +461,14 @@ def _check_values_once(config: SpanBertConfig, input_ids, attention_mask, valid,
         raise ValueError("the batched value check found an out-of-range id, label or SBO "
                          "target that the per-argument checks did not")  # pragma: no cover
     sizes = values[len(bad):]
+    right_padded = True
     if valid is not None:
-        real_tokens, longest = sizes[0], sizes[1]
-        sizes = sizes[2:]
+        real_tokens, longest, right_padded = sizes[0], sizes[1], sizes[2] == 0
+        sizes = sizes[3:]
     else:
         real_tokens, longest = batch * seq, seq
     return _Checked(real_tokens=real_tokens, longest=longest,
-                    masked=sizes[0] if labels is not None else None)
+                    masked=sizes[0] if labels is not None else None, right_padded=right_padded)
 
 
 def _check_label_values(labels: torch.Tensor, vocab_size: int) -> None:
@@ -530,7 +535,7 @@ class SpanBertModel(_SpanBertPreTrainedModel):
                 self.config, input_ids, attention_mask,
                 attention_mask != 0 if attention_mask is not None else None,
                 token_type_ids, position_ids)
-        with ops.values_checked():
+        with ops.values_checked(None if checked is None else checked.right_padded):
             out = self._encode(input_ids, attention_mask, token_type_ids, position_ids,
                                output_hidden_states, checked)
         return out.to_tuple() if as_tuple else out
@@ -794,7 +799,7 @@ class SpanBertForPreTraining(_SpanBertPreTrainedModel):
         if self._reads_values():
             checked = _check_values_once(self.config, input_ids, attention_mask, valid,
                                          token_type_ids, position_ids, labels, sbo_targets)
-        with ops.values_checked():
+        with ops.values_checked(None if checked is None else checked.right_padded):
             return self._heads(input_ids, attention_mask, token_type_ids, position_ids, labels,
                                sbo_targets, return_logits, output_hidden_states, checked)
 

@@ -256,11 +256,14 @@ def _value_checks_on() -> bool:
 
 
 @contextlib.contextmanager
-def values_checked():
+def values_checked(right_padded: Optional[bool] = None):
     """Run ops whose index/label values the caller has already checked (the models' one
-    batched check per step): no per-call value check, so no per-call host sync."""
-    previous = getattr(_checks, "done_upstream", False)
+    batched check per step): no per-call value check, so no per-call host sync.
+    ``right_padded``: whether the attention mask the ops will see is right padding (ones,
+    then zeros), when the caller read it in its check (None: unknown, read per call)."""
+    previous = (getattr(_checks, "done_upstream", False), getattr(_checks, "right_padded", None))
     _checks.done_upstream = True
+    _checks.right_padded = right_padded
     with contextlib.ExitStack() as stack:
         if _KERNEL_MODULES:  # triton is importable: the launchers check too
             from .kernels import _common as kernel_common
@@ -268,7 +271,24 @@ def values_checked():
         try:
             yield
         finally:
-            _checks.done_upstream = previous
+            _checks.done_upstream, _checks.right_padded = previous
+
+
+@contextlib.contextmanager
+def _right_padding_known():
+    """Inside the attention backward: its forward verified the mask (or raised)."""
+    previous = getattr(_checks, "right_padded", None)
+    _checks.right_padded = True
+    try:
+        yield
+    finally:
+        _checks.right_padded = previous
+
+
+def _mask_is_right_padded(key_padding_mask: torch.Tensor) -> bool:
+    """What the caller already read (values_checked(right_padded=...)), else read it."""
+    known = getattr(_checks, "right_padded", None)
+    return known if known is not None else _is_right_padding(key_padding_mask)
 
 
 def _check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
@@ -490,7 +510,7 @@ def _key_lengths_from_mask(key_padding_mask: Optional[torch.Tensor]) -> Optional
     refused (the kernel reads lengths, not the mask)."""
     if key_padding_mask is None:
         return None
-    if not _is_right_padding(key_padding_mask):
+    if not _mask_is_right_padded(key_padding_mask):
         raise ValueError(
             "key_padding_mask must be a right-padding mask (ones, then zeros) for the Triton "
             "attention kernel; this one has left padding or gaps. Use backend='torch', or the "
@@ -547,9 +567,10 @@ def _flash_attention_setup_context(ctx, inputs, output):
 def _flash_attention_autograd(ctx, grad_out, grad_lse):
     q, k, v, out, lse, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
     max_seqlen, softmax_scale, dropout_p = ctx.scalars
-    dq, dk, dv = _flash_attention_backward(grad_out.contiguous(), q, k, v, out, lse,
-                                           key_padding_mask, cu_seqlens, max_seqlen,
-                                           softmax_scale, dropout_p, seed)
+    with _right_padding_known():
+        dq, dk, dv = _flash_attention_backward(grad_out.contiguous(), q, k, v, out, lse,
+                                               key_padding_mask, cu_seqlens, max_seqlen,
+                                               softmax_scale, dropout_p, seed)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -715,7 +736,7 @@ def _run_attention(backend: str, args: tuple) -> torch.Tensor:
     tensors = [t for t in (q, k, v, key_padding_mask, cu_seqlens) if t is not None]
     chosen = resolve_backend(backend, "attention", tensors)
     if chosen == "triton" and key_padding_mask is not None and _values_checkable() \
-            and not _is_right_padding(key_padding_mask):
+            and not _mask_is_right_padded(key_padding_mask):
         # The padded kernel reads key lengths, so only right padding; the packed layout
         # (cu_seqlens, what the models run) takes any mask. Never a silent substitution:
         # an explicit "triton" (argument or SPANBERT_FAST_BACKEND) is refused.

@@ -25,7 +25,8 @@ import spanbert_fast as sf
 from spanbert_fast import ops
 
 _SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-             torch.ops.aten.masked_select.default}
+             torch.ops.aten.masked_select.default,
+             torch.ops.aten.equal.default}  # torch.equal returns a host bool
 
 
 class HostSyncs(TorchDispatchMode):
@@ -179,3 +180,32 @@ def test_the_batched_check_gives_the_same_step_as_unchecked():
                       sbo_targets=masked.sbo_targets)
     assert torch.equal(checked.mlm_loss, unchecked.mlm_loss)
     assert torch.equal(checked.sbo_loss, unchecked.sbo_loss)
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accelerate_exact_padding_reads_the_mask_once_not_per_layer(backend, layers,
+                                                                   count_syncs):
+    """accelerate(padding="exact") keeps the padded layout, where the Triton kernel needs
+    right padding: the mask was checked for it per layer, forward and backward (torch.equal,
+    a host sync each). The batched check reads it once."""
+    transformers = pytest.importorskip("transformers")
+    from test_parity import hf_config, make_batch, randomize
+
+    hf = randomize(transformers.BertModel(hf_config("sdpa", num_hidden_layers=layers)), seed=3)
+    sf.accelerate(hf, backend=backend, padding="exact")
+    hf.train()
+    ids, mask, _, _ = make_batch()
+    with count_syncs:
+        hf(ids, attention_mask=mask).last_hidden_state.square().sum().backward()
+    assert count_syncs.total <= 1, dict(count_syncs.where)
+
+
+@pytest.mark.skipif(not _triton_ready(), reason="Triton kernels unavailable")
+def test_a_left_padded_mask_known_from_the_batched_check_is_still_refused():
+    q = torch.randn(2, 2, 6, 8)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :2] = False
+    with ops.values_checked(right_padded=False):
+        with pytest.raises(ops.BackendUnavailableError, match="not right padding"):
+            ops.attention(q, q, q, key_padding_mask=mask, backend="triton")
