@@ -343,6 +343,8 @@ _ID_DTYPES = (torch.int64, torch.int32)
 
 def _validate_inputs(config: SpanBertConfig, input_ids, attention_mask, token_type_ids,
                      position_ids) -> None:
+    """Types, shapes and devices of the encoder inputs (no tensor data is read: their
+    values are checked in one batched reduction, :func:`_check_values_once`)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype not in _ID_DTYPES:
