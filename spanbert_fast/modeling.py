@@ -22,7 +22,7 @@ from torch import nn
 
 from . import ops
 from .config import SpanBertConfig
-from .padding import Unpadded, pad_rows, unpad
+from .padding import Unpadded, pad_rows, positions_of, unpad
 
 __all__ = [
     "SpanBertModel",
@@ -478,15 +478,6 @@ def _check_label_values(labels: torch.Tensor, vocab_size: int) -> None:
     ops._check_index_range("labels", flat[flat != -100], 0, vocab_size)
 
 
-def _positions_of(flags: torch.Tensor, count: Optional[int]) -> torch.Tensor:
-    """(count,) int64 positions of the True entries of 1-D ``flags``, in order. With
-    ``count`` known (from the batched check) no host sync: a stable sort puts the True
-    entries first; without it, ``nonzero`` (which syncs to learn the size)."""
-    if count is None:
-        return flags.nonzero().squeeze(1)
-    return torch.argsort((~flags).to(torch.uint8), stable=True)[:count]
-
-
 class SpanBertModel(_SpanBertPreTrainedModel):
     """The SpanBERT/BERT encoder: embeddings -> N transformer layers (-> optional pooler).
 
@@ -820,7 +811,7 @@ class SpanBertForPreTraining(_SpanBertPreTrainedModel):
         if labels is not None:
             flat_labels = labels.reshape(-1)
             if ops._values_checkable():
-                rows = _positions_of(flat_labels != -100,
+                rows = positions_of(flat_labels != -100,
                                      None if checked is None else checked.masked)
             else:
                 rows = torch.arange(flat_labels.numel(), device=labels.device)

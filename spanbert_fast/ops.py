@@ -256,33 +256,30 @@ def _value_checks_on() -> bool:
 
 
 @contextlib.contextmanager
+def _checks_state(**values):
+    """Set attributes of this thread's ``_checks`` for the block, then put them back."""
+    previous = {name: getattr(_checks, name, None) for name in values}
+    for name, value in values.items():
+        setattr(_checks, name, value)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(_checks, name, value)
+
+
+@contextlib.contextmanager
 def values_checked(right_padded: Optional[bool] = None):
     """Run ops whose index/label values the caller has already checked (the models' one
     batched check per step): no per-call value check, so no per-call host sync.
     ``right_padded``: whether the attention mask the ops will see is right padding (ones,
     then zeros), when the caller read it in its check (None: unknown, read per call)."""
-    previous = (getattr(_checks, "done_upstream", False), getattr(_checks, "right_padded", None))
-    _checks.done_upstream = True
-    _checks.right_padded = right_padded
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_checks_state(done_upstream=True, right_padded=right_padded))
         if _KERNEL_MODULES:  # triton is importable: the launchers check too
             from .kernels import _common as kernel_common
             stack.enter_context(kernel_common.skip_value_checks())
-        try:
-            yield
-        finally:
-            _checks.done_upstream, _checks.right_padded = previous
-
-
-@contextlib.contextmanager
-def _right_padding_known():
-    """Inside the attention backward: its forward verified the mask (or raised)."""
-    previous = getattr(_checks, "right_padded", None)
-    _checks.right_padded = True
-    try:
         yield
-    finally:
-        _checks.right_padded = previous
 
 
 def _mask_is_right_padded(key_padding_mask: torch.Tensor) -> bool:
@@ -567,7 +564,7 @@ def _flash_attention_setup_context(ctx, inputs, output):
 def _flash_attention_autograd(ctx, grad_out, grad_lse):
     q, k, v, out, lse, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
     max_seqlen, softmax_scale, dropout_p = ctx.scalars
-    with _right_padding_known():
+    with _checks_state(right_padded=True):  # its forward verified the mask (or raised)
         dq, dk, dv = _flash_attention_backward(grad_out.contiguous(), q, k, v, out, lse,
                                                key_padding_mask, cu_seqlens, max_seqlen,
                                                softmax_scale, dropout_p, seed)
@@ -731,7 +728,9 @@ def attention(
 
 def _run_attention(backend: str, args: tuple) -> torch.Tensor:
     """Attention's dispatch: the Triton path goes through the flash-attention custom ops
-    (forward saves lse); masks the kernel cannot read fall back to the reference."""
+    (forward saves lse); the torch path is :mod:`spanbert_fast.torch_backend`. A padded
+    mask the kernel cannot read (not right padding) is refused under an explicit
+    "triton" and falls back to torch under "auto"."""
     q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p = args
     tensors = [t for t in (q, k, v, key_padding_mask, cu_seqlens) if t is not None]
     chosen = resolve_backend(backend, "attention", tensors)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Unpadded", "unpad", "pad_rows"]
+__all__ = ["Unpadded", "unpad", "pad_rows", "positions_of"]
 
 
 @dataclass
@@ -34,6 +34,16 @@ class Unpadded:
     seq: int
 
 
+def positions_of(flags: torch.Tensor, count: Optional[int] = None) -> torch.Tensor:
+    """(count,) int64 positions of the True entries of 1-D bool ``flags``, in order. With
+    ``count`` known (the models read it in their batched value check) no host sync: a
+    stable sort puts the True entries first; without it, ``nonzero`` (which syncs to learn
+    its output size)."""
+    if count is None:
+        return flags.nonzero().squeeze(1)
+    return torch.argsort((~flags).to(torch.uint8), stable=True)[:count]
+
+
 def unpad(attention_mask: torch.Tensor, total_tokens: Optional[int] = None,
           longest: Optional[int] = None) -> Unpadded:
     """``attention_mask`` ``(batch, seq)`` (bool or 0/1 ints) -> :class:`Unpadded`.
@@ -45,10 +55,7 @@ def unpad(attention_mask: torch.Tensor, total_tokens: Optional[int] = None,
     instead of the padded width."""
     batch, seq = attention_mask.shape
     valid = attention_mask.reshape(-1) != 0
-    if total_tokens is None:
-        indices = valid.nonzero().squeeze(1)
-    else:
-        indices = torch.argsort((~valid).to(torch.uint8), stable=True)[:total_tokens]
+    indices = positions_of(valid, total_tokens)
     lengths = (attention_mask != 0).sum(dim=1, dtype=torch.int32)
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     return Unpadded(indices=indices, cu_seqlens=cu_seqlens,
