@@ -164,14 +164,15 @@ setup(
     python_requires=">=3.10",
     # kernels/ and benchmarks/ live at the top of the repo (DESIGN.md) and install inside
     # the package, so `spanbert-fast bench` works from anywhere.
-    packages=["spanbert_fast", "spanbert_fast.kernels", "spanbert_fast.benchmarks",
+    packages=["spanbert_fast", "spanbert_fast.ops", "spanbert_fast.masking",
+              "spanbert_fast.train", "spanbert_fast.kernels", "spanbert_fast.benchmarks",
               "spanbert_fast.benchmarks.cases"],
     package_dir={"spanbert_fast": "spanbert_fast", "spanbert_fast.kernels": "kernels",
                  "spanbert_fast.benchmarks": "benchmarks",
                  "spanbert_fast.benchmarks.cases": "benchmarks/cases"},
     # The real-length cases' WordPiece vocabulary (benchmarks/cases/real_text.py).
     package_data={"spanbert_fast.benchmarks": ["data/*.txt"]},
-    entry_points={"console_scripts": ["spanbert-fast = spanbert_fast.cli:main"]},
+    entry_points={"console_scripts": ["spanbert-fast = spanbert_fast.train.cli:main"]},
     install_requires=[
         "torch>=2.6",
         "numpy",

@@ -188,10 +188,10 @@ def _attention_cases() -> Iterator[Case]:
 
 
 def _row_cases() -> Iterator[Case]:
-    from spanbert_fast.kernels import cross_entropy as CE
-    from spanbert_fast.kernels import gelu as G
+    from spanbert_fast.kernels import linear_cross_entropy as CE
+    from spanbert_fast.kernels import bias_gelu as G
     from spanbert_fast.kernels import layer_norm as LN
-    from spanbert_fast.kernels import span_boundary as SB
+    from spanbert_fast.kernels import span_boundary_head as SB
     rows = 64
     for dtype_name, dtype in DTYPES.items():
         for model, width in WIDTHS.items():
@@ -231,11 +231,11 @@ def _row_cases() -> Iterator[Case]:
                     SB.bias_gelu_layer_norm_backward(dy, z, b, w, 1e-12, t, i)
 
             yield Case("layer_norm", labels, layer_norm, rep)
-            # bf16 alone stands for both in the CI subset: gelu has 6 autotune configs x
+            # bf16 alone stands for both in the CI subset: bias_gelu has 6 autotune configs x
             # forward/backward x dropout on/off = 24 variants per dtype.
-            yield Case("gelu", labels, gelu, rep and dtype_name == "bf16")
-            yield Case("cross_entropy", labels, cross_entropy, rep)
-            yield Case("span_boundary", labels, span_boundary, rep)
+            yield Case("bias_gelu", labels, gelu, rep and dtype_name == "bf16")
+            yield Case("linear_cross_entropy", labels, cross_entropy, rep)
+            yield Case("span_boundary_head", labels, span_boundary, rep)
 
 
 def all_cases() -> List[Case]:
@@ -606,11 +606,11 @@ def markdown(doc: Dict[str, Any]) -> str:
 
 def write_outputs(doc: Dict[str, Any], out_dir: str) -> Tuple[str, str]:
     """``<out_dir>/audit-triton<version>-<date>.{json,md}``, both written atomically."""
-    from spanbert_fast.checkpoint import _atomic_write_all
+    from spanbert_fast.io import atomic_write_all
     os.makedirs(out_dir, exist_ok=True)
     paths = _output_paths(out_dir, doc["versions"]["triton"], doc["date"])
     contents = (json.dumps(doc, indent=1) + "\n", markdown(doc))
-    _atomic_write_all([(path, _text_writer(text)) for path, text in zip(paths, contents)])
+    atomic_write_all([(path, _text_writer(text)) for path, text in zip(paths, contents)])
     return paths
 
 
@@ -708,8 +708,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks
     cases = [c for c in all_cases() if c.representative or not args.subset]
     doc = run_audit(cases, archs, log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json is not None:
-        from spanbert_fast.checkpoint import _atomic_write
-        _atomic_write(args.json, _text_writer(json.dumps(doc, indent=1) + "\n"))
+        from spanbert_fast.io import atomic_write
+        atomic_write(args.json, _text_writer(json.dumps(doc, indent=1) + "\n"))
         print(f"wrote {args.json}")
     else:
         for path in write_outputs(doc, args.out):

@@ -66,7 +66,7 @@ import json
 import math
 from typing import Any, Dict, List
 
-from spanbert_fast.checkpoint import _atomic_write
+from spanbert_fast.io import atomic_write
 
 __all__ = ["SCHEMA_VERSION", "row_key", "validate_result", "check_result", "dump_result",
            "load_result", "write_atomically"]
@@ -225,7 +225,7 @@ def write_atomically(path: str, write) -> None:
         with open(tmp, "wb") as handle:
             write(handle)
 
-    _atomic_write(path, write_file)
+    atomic_write(path, write_file)
 
 
 def load_result(path: str) -> Dict[str, Any]:

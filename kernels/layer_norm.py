@@ -2,7 +2,7 @@
 
 ``y = LayerNorm(x + residual) * weight + bias`` with the statistics (mean, variance) taken
 in fp32 whatever the input dtype (fp64 for fp64 inputs), as
-:func:`spanbert_fast.reference.layer_norm` does. One program normalises one row held
+:func:`spanbert_fast.ops.reference.layer_norm` does. One program normalises one row held
 entirely in registers (``BLOCK_N = next_power_of_2(hidden)``), so a row is read once and
 written once: SpanBERT's hidden sizes are 768 (base) and 1024 (large), 200 in the SBO head.
 

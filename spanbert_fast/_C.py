@@ -1,8 +1,10 @@
 """Loads the compiled extension ``spanbert_fast._native`` (built from ``csrc/`` by setup.py).
 
-The extension registers native operators under ``torch.ops.spanbert_fast`` (today:
-``word_starts``). It is optional: when it cannot be loaded (never built, built against
-another torch, CUDA libraries missing, or disabled) :func:`load_extension` returns ``None``
+The extension registers native operators under ``torch.ops.spanbert_fast``
+(``word_starts``, ``span_masking``, and the test-only ``sample_span_lengths`` and
+``philox4x32_10``); their fake (meta) implementations for torch.compile and ``opcheck``
+are registered here, when the extension loads. It is optional: when it cannot be loaded
+(never built, built against another torch, CUDA libraries missing, or disabled) :func:`load_extension` returns ``None``
 after one ``UserWarning`` per process that says why and what to do, and callers use their
 pure-torch fallback. Importing ``spanbert_fast`` never fails because of it.
 
@@ -31,7 +33,8 @@ DISABLE_ENV = "SPANBERT_FAST_DISABLE_EXTENSION"
 SKIP_ENV = "SPANBERT_FAST_SKIP_EXTENSION"
 
 # Native operators and the fake (meta) implementations that let torch.compile trace them.
-NATIVE_OPS = ("spanbert_fast::word_starts",)
+NATIVE_OPS = ("spanbert_fast::word_starts", "spanbert_fast::span_masking",
+              "spanbert_fast::sample_span_lengths", "spanbert_fast::philox4x32_10")
 
 _lock = threading.Lock()
 _attempted = False
@@ -145,14 +148,51 @@ def _built_with_torch(path: str | None) -> str | None:
     return match.group(1).decode("ascii", "replace") if match else None
 
 
+def load_native_ops():
+    """``torch.ops.spanbert_fast`` with every native op's fake implementation registered,
+    or None when the extension is unavailable. Lazy: importing this module loads nothing."""
+    if load_extension() is None:
+        return None
+    import torch
+
+    return torch.ops.spanbert_fast
+
+
 def _register_fakes() -> None:
+    """Fake (meta) implementations of every native op (torch.compile, opcheck)."""
     import torch
 
     def word_starts_fake(input_ids, is_continuation, attention_mask=None):
         # Same output metadata as the native op: a new contiguous bool tensor.
         return input_ids.new_empty(input_ids.shape, dtype=torch.bool)
 
-    fakes = {"spanbert_fast::word_starts": word_starts_fake}
+    def span_masking_fake(input_ids, token_flags, attention_mask, word_starts, offsets,
+                          unigram_cdf, seed, mask_token_id, mask_ratio_numerator,
+                          mask_ratio_denominator, span_word_thresholds, mask_threshold,
+                          random_threshold, max_span_len, sbo_special_boundaries=False):
+        # Device checks like the native op's (a tensor on "meta" among CPU ones lands here).
+        for name, tensor in (("token_flags", token_flags), ("attention_mask", attention_mask),
+                             ("word_starts", word_starts), ("offsets", offsets),
+                             ("unigram_cdf", unigram_cdf)):
+            if tensor is not None and tensor.device != input_ids.device:
+                raise RuntimeError(f"span_masking: {name} must be on the device of input_ids "
+                                   f"({input_ids.device}), got {tensor.device}")
+        # The number of SBO targets depends on the data: an unbacked size.
+        num_targets = torch.library.get_ctx().new_dynamic_size()
+        return (input_ids.new_empty(input_ids.shape, dtype=torch.int64),
+                input_ids.new_empty(input_ids.shape, dtype=torch.int64),
+                input_ids.new_empty((num_targets, 5), dtype=torch.int64))
+
+    def sample_span_lengths_fake(seed, offsets, count, span_word_thresholds):
+        return offsets.new_empty((offsets.shape[0], count), dtype=torch.int64)
+
+    def philox_fake(counter, key):
+        return counter.new_empty((counter.shape[0], 4), dtype=torch.int64)
+
+    fakes = {"spanbert_fast::word_starts": word_starts_fake,
+             "spanbert_fast::span_masking": span_masking_fake,
+             "spanbert_fast::sample_span_lengths": sample_span_lengths_fake,
+             "spanbert_fast::philox4x32_10": philox_fake}
     for name in NATIVE_OPS:
         try:
             torch.library.register_fake(name, fakes[name])

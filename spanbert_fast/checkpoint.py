@@ -30,13 +30,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .config import SpanBertConfig
+from .io import atomic_write_all
 
 __all__ = [
     "CheckpointError",
@@ -144,7 +144,7 @@ def _first_file(directory: str, names) -> Optional[str]:
     return None
 
 
-def _find_weights_file(directory: str) -> str:
+def find_weights_file(directory: str) -> str:
     found = _first_file(directory, WEIGHT_NAMES)
     if found is not None:
         return found
@@ -380,7 +380,7 @@ def read_state_dict(path: "str | os.PathLike[str]") -> Dict[str, torch.Tensor]:
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = _find_weights_file(path)
+        path = find_weights_file(path)
     elif not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
     return _read_weights_file(path)
@@ -707,72 +707,6 @@ def load_pretrained(model_cls, path: "str | os.PathLike[str]", *,
 # ---------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------
-def _write_temp(path: str, write: Callable[[str], None]) -> str:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, give it ordinary permissions,
-    flush it to disk and return its name; on any failure the temporary file is removed."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        # Durable before it is renamed over the previous file: after a crash the name
-        # points at the old contents or the complete new ones, never at an empty file.
-        fd = os.open(tmp, os.O_RDWR)  # Windows refuses fsync on a read-only descriptor
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    return tmp
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _atomic_write_all(files: "list[tuple[str, Callable[[str], None]]]") -> None:
-    """Write every ``(path, write)`` to a temporary file first, and only when all were
-    written rename them into place, in order. A failure while writing leaves every previous
-    file intact and no temporary file behind. The renames themselves are not one atomic
-    step: a crash between two of them leaves the earlier files new and the later ones old."""
-    temps: "list[tuple[str, str]]" = []
-    try:
-        for path, write in files:
-            temps.append((_write_temp(path, write), path))
-    except BaseException:
-        for tmp, _ in temps:
-            _unlink_quietly(tmp)
-        raise
-    done = 0
-    try:
-        for tmp, path in temps:
-            os.replace(tmp, path)
-            done += 1
-    except BaseException:
-        for tmp, _ in temps[done:]:
-            _unlink_quietly(tmp)
-        raise
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    The rename is atomic on POSIX and Windows, so readers see the old file or the new one,
-    never half of one; on any failure the temporary file is removed and ``path`` is intact.
-    """
-    _atomic_write_all([(path, write)])
-
-
 def _tensors_to_save(model: torch.nn.Module, kind: str) -> Dict[str, torch.Tensor]:
     """The model's state dict in transformers' layout: tied decoders left out (transformers
     re-ties them; safetensors refuses shared storage), every tensor contiguous on CPU and
@@ -859,7 +793,7 @@ def save_pretrained(model: torch.nn.Module, directory: "str | os.PathLike[str]",
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(config_text)
 
-    _atomic_write_all([(os.path.join(directory, weights_name), write_weights),
+    atomic_write_all([(os.path.join(directory, weights_name), write_weights),
                        (os.path.join(directory, "config.json"), write_config)])
     _remove_stale_weights(directory, keep=weights_name)
 

@@ -11,7 +11,6 @@ read); ``last_hidden_state`` at real positions matches transformers.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .ops import checks
 from .config import SpanBertConfig
 from .padding import Unpadded, pad_rows, positions_of, unpad
 
@@ -294,7 +294,7 @@ class _SpanBertPreTrainedModel(nn.Module):
     def _reads_values(self) -> bool:
         """Whether a forward runs the one batched value check (check_values, the
         SPANBERT_FAST_CHECK_VALUES variable, and never while torch.compile traces)."""
-        return (self.check_values and ops._values_checkable()
+        return (self.check_values and checks.values_checkable()
                 and os.environ.get(_ENV_CHECK_VALUES, "1").strip() != "0")
 
     def tie_weights(self) -> None:
@@ -384,11 +384,11 @@ def _check_input_values(config: SpanBertConfig, input_ids, attention_mask, token
                         position_ids) -> None:
     """The encoder inputs' values, one argument at a time (a host sync each): run only
     once :func:`_check_values_once` found something wrong, to say exactly what."""
-    ops._check_index_range("input_ids", input_ids, 0, config.vocab_size)
+    checks.check_index_range("input_ids", input_ids, 0, config.vocab_size)
     if token_type_ids is not None:
-        ops._check_index_range("token_type_ids", token_type_ids, 0, config.type_vocab_size)
+        checks.check_index_range("token_type_ids", token_type_ids, 0, config.type_vocab_size)
     if position_ids is not None:
-        ops._check_index_range("position_ids", position_ids, 0, config.max_position_embeddings)
+        checks.check_index_range("position_ids", position_ids, 0, config.max_position_embeddings)
     if attention_mask is not None and attention_mask.numel():
         bad = (attention_mask != 0) & (attention_mask != 1)
         if bool(bad.any()):
@@ -475,7 +475,7 @@ def _check_values_once(config: SpanBertConfig, input_ids, attention_mask, valid,
 
 def _check_label_values(labels: torch.Tensor, vocab_size: int) -> None:
     flat = labels.reshape(-1)
-    ops._check_index_range("labels", flat[flat != -100], 0, vocab_size)
+    checks.check_index_range("labels", flat[flat != -100], 0, vocab_size)
 
 
 class SpanBertModel(_SpanBertPreTrainedModel):
@@ -708,11 +708,11 @@ def _check_sbo_values(sbo_targets: torch.Tensor, batch: int, seq: int, config: S
     if sbo_targets.numel() == 0:
         return
     row, left, right, rel, label = sbo_targets.unbind(1)
-    ops._check_index_range("sbo_targets[:, 0] (row)", row, 0, batch)
-    ops._check_index_range("sbo_targets[:, 1] (left)", left, 0, seq)
-    ops._check_index_range("sbo_targets[:, 2] (right)", right, 0, seq)
-    ops._check_index_range("sbo_targets[:, 3] (rel_pos)", rel, 0, config.sbo_max_targets)
-    ops._check_index_range("sbo_targets[:, 4] (label)", label, 0, config.vocab_size)
+    checks.check_index_range("sbo_targets[:, 0] (row)", row, 0, batch)
+    checks.check_index_range("sbo_targets[:, 1] (left)", left, 0, seq)
+    checks.check_index_range("sbo_targets[:, 2] (right)", right, 0, seq)
+    checks.check_index_range("sbo_targets[:, 3] (rel_pos)", rel, 0, config.sbo_max_targets)
+    checks.check_index_range("sbo_targets[:, 4] (label)", label, 0, config.vocab_size)
     target_pos = left + 1 + rel
     if bool((target_pos >= right).any()):
         raise ValueError("sbo_targets must satisfy left + 1 + rel_pos < right (the target lies "
@@ -721,11 +721,11 @@ def _check_sbo_values(sbo_targets: torch.Tensor, batch: int, seq: int, config: S
         # Boundaries and target must be real tokens wherever the padding is (left, right or
         # gaps): a boundary on padding would read a zero hidden state. One sync on the
         # training step's path; the columns are told apart only once one failed.
-        checks = ((1, "left", left), (2, "right", right), (None, "left + 1 + rel_pos", target_pos))
-        real = valid[row.unsqueeze(0), torch.stack([position for _, _, position in checks])]
+        columns = ((1, "left", left), (2, "right", right), (None, "left + 1 + rel_pos", target_pos))
+        real = valid[row.unsqueeze(0), torch.stack([position for _, _, position in columns])]
         if bool(real.all()):
             return
-        for (column, name, position), real_here in zip(checks, real):
+        for (column, name, position), real_here in zip(columns, real):
             on_padding = ~real_here
             if bool(on_padding.any()):
                 k = int(on_padding.nonzero()[0, 0])
@@ -810,7 +810,7 @@ class SpanBertForPreTraining(_SpanBertPreTrainedModel):
         mlm_loss = sbo_loss = prediction_logits = sbo_logits = None
         if labels is not None:
             flat_labels = labels.reshape(-1)
-            if ops._values_checkable():
+            if checks.values_checkable():
                 rows = positions_of(flat_labels != -100,
                                      None if checked is None else checked.masked)
             else:
@@ -894,7 +894,7 @@ class SpanBertForQuestionAnswering(_SpanBertPreTrainedModel):
                 if tuple(positions.shape) != (start_logits.shape[0],):
                     raise ValueError(f"{name} must have shape ({start_logits.shape[0]},), "
                                      f"got {tuple(positions.shape)}")
-                if attention_mask is not None and ops._values_checkable():
+                if attention_mask is not None and checks.values_checkable():
                     # Padded logits are -inf-like here: an answer there would be an inf loss.
                     inside = (positions >= 0) & (positions < seq)
                     rows = torch.arange(positions.shape[0], device=positions.device)

@@ -23,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     # errors without the interpreter must not be the first to import the kernels (every
     # later launch then failed with "0 active drivers", depending on test order).
     from spanbert_fast import ops as _ops  # noqa: E402
-    _ops._probe_triton()
+    _ops.dispatch.probe_triton()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ Variants of every op case:
 ``ours-triton``  ``spanbert_fast.ops.<op>(..., backend="triton")``; present only on CUDA
                  once the op's kernel is registered (else listed as skipped, with why)
 ``ours-torch``   ``spanbert_fast.ops.<op>(..., backend="torch")`` (validation included)
-``reference``    ``spanbert_fast.reference.<op>`` called directly
+``reference``    ``spanbert_fast.ops.reference.<op>`` called directly
 peers            the stock-torch way to compute the same thing (the speed reference),
                  and for attention also transformers' eager BERT attention
 
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spanbert_fast import ops, reference
+from spanbert_fast import ops
+from spanbert_fast.ops import reference
 
 from .. import formulas
 from ..registry import Case, Instance, Shape, register_case

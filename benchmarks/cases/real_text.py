@@ -8,7 +8,7 @@ the Python documentation's language reference, which every CPython ships as
 English once code listings and headings are dropped. It is tokenized, cased as SpanBERT
 is, with the WordPiece vocabulary ``benchmarks/data/pydoc-wordpiece.txt``: 3,270 pieces
 (8,000 asked for; the trainer keeps only pieces seen at least twice) trained on those
-paragraphs by :func:`spanbert_fast.tokenization.train_tokenizer`, and committed, since the
+paragraphs by :func:`spanbert_fast.train.tokenization.train_tokenizer`, and committed, since the
 trainer breaks ties differently from run to run (``python -m benchmarks.cases.real_text
 --write-vocab`` rebuilds it). A real BERT vocabulary of 28,996 pieces splits rare words
 less, so its sentences would be a little shorter.
@@ -83,7 +83,7 @@ def sentences() -> Tuple[str, ...]:
 
 @functools.lru_cache(maxsize=1)
 def tokenizer():
-    from spanbert_fast.tokenization import tokenizer_from_vocab_file
+    from spanbert_fast.train.tokenization import tokenizer_from_vocab_file
 
     return tokenizer_from_vocab_file(VOCAB_PATH)
 
@@ -136,7 +136,7 @@ def qa_windows(batch: int, gen: torch.Generator, seq: int = 384):
 
 
 def _write_vocab() -> None:
-    from spanbert_fast.tokenization import train_tokenizer
+    from spanbert_fast.train.tokenization import train_tokenizer
 
     tok = train_tokenizer(paragraphs(), VOCAB_SIZE)
     vocab = sorted(tok.backend.get_vocab().items(), key=lambda item: item[1])
