@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -110,9 +109,6 @@ MAX_SPAN_WORDS_LIMIT = 64
 # The mask ratio as a fraction numerator / denominator: exact budgets in integers.
 _MASK_RATIO_MAX_DENOMINATOR = 10**6
 _INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
-# The native op's error for an id out of range (csrc/span_masking_cpu.cpp).
-_NATIVE_BAD_ID = re.compile(r"span_masking: input_ids must be in \[0, \d+\) .*?got (-?\d+) at "
-                            r"position \((\d+), (\d+)\)")
 
 
 def word_starts(
@@ -549,21 +545,13 @@ class SpanMasker:
             arguments = tuple(None if t is None else t.cpu()
                               for t in (input_ids, attention_mask, word_starts, offsets))
         ids, flags_mask, starts, row_offsets = arguments
-        try:
-            masked_ids, labels, sbo_targets = native_ops.span_masking(
-                ids, tables[0], flags_mask, starts, row_offsets, tables[1], self.seed,
-                self.mask_token_id, self._mask_ratio[0], self._mask_ratio[1],
-                self._span_word_thresholds, self._replace_thresholds[0],
-                self._replace_thresholds[1], self.max_span_len, self.sbo_special_boundaries)
-        except RuntimeError as exc:
-            # The op checks the id range while it runs (no extra pass over the ids, no
-            # extra sync on CUDA); its error becomes this function's ValueError.
-            bad = _NATIVE_BAD_ID.search(str(exc))
-            if bad is None:
-                raise
-            value, row, column = bad.groups()
-            raise ValueError(f"input_ids must be in [0, {self.vocab_size}) (vocab_size), got "
-                             f"{value} at position ({row}, {column})") from None
+        # The op checks the id range while it runs (no extra pass over the ids, no extra
+        # sync on CUDA) and raises the ValueError of _check_id_range, word for word.
+        masked_ids, labels, sbo_targets = native_ops.span_masking(
+            ids, tables[0], flags_mask, starts, row_offsets, tables[1], self.seed,
+            self.mask_token_id, self._mask_ratio[0], self._mask_ratio[1],
+            self._span_word_thresholds, self._replace_thresholds[0],
+            self._replace_thresholds[1], self.max_span_len, self.sbo_special_boundaries)
         if not native_device:
             device = input_ids.device
             masked_ids, labels, sbo_targets = (
@@ -691,8 +679,8 @@ def _register_native_fakes() -> None:
                              ("word_starts", word_starts), ("offsets", offsets),
                              ("unigram_cdf", unigram_cdf)):
             if tensor is not None and tensor.device != input_ids.device:
-                raise RuntimeError(f"span_masking: {name} must be on the device of input_ids "
-                                   f"({input_ids.device}), got {tensor.device}")
+                raise ValueError(f"span_masking: {name} must be on the device of input_ids "
+                                 f"({input_ids.device}), got {tensor.device}")
         # The number of SBO targets depends on the data: an unbacked size.
         num_targets = torch.library.get_ctx().new_dynamic_size()
         return (input_ids.new_empty(input_ids.shape, dtype=torch.int64),
