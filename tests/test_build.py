@@ -545,6 +545,14 @@ def test_torch_compile_fullgraph(native_word_starts):
         compiled = torch.compile(function, fullgraph=True)
         expected = function(input_ids, is_continuation, attention_mask)
         assert torch.equal(compiled(input_ids, is_continuation, attention_mask), expected)
+    # Traced, the wrapper skips its own id check (data-dependent); the op's ValueError is the
+    # same, word for word.
+    input_ids[2, 50] = VOCAB_SIZE
+    with pytest.raises(ValueError) as eager:
+        through_the_wrapper(input_ids, is_continuation, attention_mask)
+    with pytest.raises(ValueError) as traced:
+        compiled(input_ids, is_continuation, attention_mask)
+    assert str(traced.value) == str(eager.value)
 
 
 # --------------------------------------------------------------------------- CUDA sources
