@@ -321,7 +321,7 @@ def test_setup_finds_the_toolkit_behind_a_wrapper_nvcc(cuda_machine, tmp_path):
                         "include/cuda_runtime.h"]
 
 
-def test_setup_toolkit_search_order(cuda_machine, tmp_path, monkeypatch):
+def test_setup_toolkit_search_order(cuda_machine, tmp_path, monkeypatch, capsys):
     setup_py, toolkit, _ = cuda_machine
     # A symlinked nvcc: the folder above its real path.
     linked = _fake_toolkit(tmp_path / "opt" / "cuda-12.8")
@@ -336,6 +336,8 @@ def test_setup_toolkit_search_order(cuda_machine, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "missing"))
     missing = f"CUDA_HOME: {tmp_path / 'missing'} has no bin/nvcc or include/cuda_runtime.h"
     assert setup_py.find_cuda_toolkit(None) == (str(linked), [missing])
+    setup_py.native_extensions()
+    assert f"WARNING: {missing}; using {linked} instead" in capsys.readouterr().err
     # Nothing on PATH: the installers' default places, the newest version first.
     monkeypatch.delenv("CUDA_HOME")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
