@@ -8,12 +8,18 @@ since an unpinned torch pulls a multi-GB CUDA build):
 Environment flags:
 
     SPANBERT_FAST_BUILD_CUDA=auto|1|0   auto (default): build the CUDA kernels when torch is a
-                                        CUDA build and nvcc is found; 1: require them (fail
-                                        with the reason if impossible); 0: CPU operators only.
+                                        CUDA build and a CUDA toolkit is found (else the CPU
+                                        operators, with a warning saying why); 1: require
+                                        them (fail with the reason if impossible); 0: CPU
+                                        operators only.
     SPANBERT_FAST_SKIP_EXTENSION=1      build no native code at all; the package runs on its
                                         pure-torch fallback (and torch is not needed to build).
     MAX_JOBS=N                          parallel compile jobs (read by torch's ninja build).
-    TORCH_CUDA_ARCH_LIST="9.0"          CUDA architectures (torch's default: the visible GPUs).
+    TORCH_CUDA_ARCH_LIST="9.0"          CUDA architectures (default: the visible GPUs; with
+                                        none visible, DEFAULT_CUDA_ARCHS below).
+    CUDA_HOME=/usr/local/cuda-13.0      the CUDA toolkit (default: the first place that holds
+                                        bin/nvcc and include/cuda_runtime.h, see
+                                        cuda_toolkit_candidates).
 
 Nothing is downloaded at build time: the GPU machine that builds this has no network.
 """
@@ -24,6 +30,7 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -69,15 +76,128 @@ def put_venv_bin_on_path() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
-def find_nvcc(torch_cuda_home: str | None) -> str | None:
-    """nvcc where torch's build will look: $CUDA_HOME/$CUDA_PATH, torch's CUDA_HOME, then PATH.
+# With no GPU visible and TORCH_CUDA_ARCH_LIST unset, torch has nothing to derive the
+# architectures from (torch 2.11 then fails with an IndexError), so this list is used:
+# Ampere (A100) and Hopper (H100/H200), plus Blackwell (B200) when nvcc can build for it,
+# and the newest one's PTX for GPUs after those. Each architecture adds only a device-code
+# pass of the two .cu files: the whole build with all three took 20-24 s on 2 cores.
+DEFAULT_CUDA_ARCHS = ("8.0", "9.0", "10.0")
+# Where the CUDA installers put the toolkit: <prefix>/cuda (usually a link) and
+# <prefix>/cuda-<version>.
+CUDA_INSTALL_PREFIX = "/usr/local"
 
-    (A CPU build of torch leaves its CUDA_HOME unset even when nvcc is installed.)
+
+def is_cuda_toolkit_root(path: str | None) -> bool:
+    """True when `path` holds a usable toolkit: an executable bin/nvcc and
+    include/cuda_runtime.h (torch's build takes both from CUDA_HOME)."""
+    return bool(path) and (
+        os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+        and os.access(os.path.join(path, "bin", "nvcc"), os.X_OK)
+    )
+
+
+def nvcc_wrapper_targets(nvcc: str) -> list[str]:
+    """The absolute `.../bin/nvcc` paths that a shell-script `nvcc` names (a wrapper such as
+    `exec /usr/local/cuda-13.0/bin/nvcc "$@"`); [] for a binary or an unreadable file."""
+    try:
+        with open(nvcc, "rb") as handle:
+            head = handle.read(65536)
+    except OSError:
+        return []
+    if not head.startswith(b"#!"):
+        return []
+    text = head.decode("utf-8", "replace")
+    return re.findall(r"(/[^\s'\"`;|&<>()$]*/bin/nvcc)(?![\w.-])", text)
+
+
+def _version_key(path: str) -> list[int]:
+    return [int(number) for number in re.findall(r"\d+", os.path.basename(path))]
+
+
+def cuda_toolkit_candidates(torch_cuda_home: str | None) -> list[tuple[str, str]]:
+    """(where it came from, path) of every place a CUDA toolkit root may be, best first:
+    $CUDA_HOME, $CUDA_PATH, torch's guess, the folder above the real nvcc on PATH and above
+    what a wrapper script nvcc runs, /usr/local/cuda, then /usr/local/cuda-* newest first
+    (CUDA_INSTALL_PREFIX).
+
+    (torch guesses the folder above the first nvcc on PATH; for a wrapper script in
+    /usr/local/bin that is /usr/local, which holds no CUDA headers.)
     """
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), torch_cuda_home):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
+    candidates = []
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(variable):
+            candidates.append((variable, os.environ[variable]))
+    if torch_cuda_home:
+        candidates.append(("torch's CUDA_HOME guess", torch_cuda_home))
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real_nvcc = os.path.realpath(nvcc)
+        candidates.append((f"nvcc on PATH ({real_nvcc})",
+                           os.path.dirname(os.path.dirname(real_nvcc))))
+        for target in nvcc_wrapper_targets(real_nvcc):
+            real_target = os.path.realpath(target)
+            candidates.append((f"what {nvcc} runs ({target})",
+                               os.path.dirname(os.path.dirname(real_target))))
+    default_root = os.path.join(CUDA_INSTALL_PREFIX, "cuda")
+    candidates.append((default_root, default_root))
+    for root in sorted(glob.glob(default_root + "-*"), key=_version_key, reverse=True):
+        candidates.append((root, root))
+    return candidates
+
+
+def find_cuda_toolkit(torch_cuda_home: str | None) -> tuple[str | None, list[str]]:
+    """The first candidate (see cuda_toolkit_candidates) that really holds a toolkit, and a
+    note on each candidate rejected before it (or on all of them, when none holds one)."""
+    rejected: list[str] = []
+    seen: set[str] = set()
+    for origin, path in cuda_toolkit_candidates(torch_cuda_home):
+        root = os.path.realpath(path)
+        if root in seen:
+            continue
+        seen.add(root)
+        if is_cuda_toolkit_root(root):
+            return path, rejected
+        if os.path.exists(path) or origin in ("CUDA_HOME", "CUDA_PATH"):
+            missing = [name for name in ("bin/nvcc", "include/cuda_runtime.h")
+                       if not os.path.exists(os.path.join(root, name))]
+            rejected.append(f"{origin}: {path} has no {' or '.join(missing)}")
+    return None, rejected
+
+
+def nvcc_gpu_archs(nvcc: str) -> set[str] | None:
+    """The compute capabilities ("9.0", "10.0", ...) that `nvcc --list-gpu-arch` lists, or
+    None when nvcc cannot say (older than CUDA 11)."""
+    try:
+        result = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True,
+                                timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:
+        return None
+    archs = {f"{major}.{minor}"
+             for major, minor in re.findall(r"\bcompute_(\d+)(\d)\b", result.stdout)}
+    return archs or None
+
+
+def default_cuda_arch_list(supported: set[str] | None) -> str | None:
+    """TORCH_CUDA_ARCH_LIST for a build that sees no GPU: DEFAULT_CUDA_ARCHS that nvcc
+    supports (8.0 and 9.0 only, when nvcc cannot list them), the newest with +PTX; None
+    when nvcc supports none of them."""
+    if supported is None:
+        archs = [arch for arch in DEFAULT_CUDA_ARCHS if arch in ("8.0", "9.0")]
+    else:
+        archs = [arch for arch in DEFAULT_CUDA_ARCHS if arch in supported]
+    if not archs:
+        return None
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
+
+
+def gpus_visible(torch) -> bool:
+    """Whether torch sees a GPU, whose architecture torch's build then targets itself."""
+    try:
+        return torch.cuda.device_count() > 0
+    except Exception:  # a driver that fails to initialise sees no GPU either
+        return False
 
 
 def native_extensions() -> tuple[list, dict]:
@@ -93,6 +213,7 @@ def native_extensions() -> tuple[list, dict]:
 
     try:
         import torch
+        from torch.utils import cpp_extension
         from torch.utils.cpp_extension import (
             CUDA_HOME,
             BuildExtension,
@@ -105,13 +226,28 @@ def native_extensions() -> tuple[list, dict]:
             f"installed torch, so {INSTALL_TORCH_HINT}"
         ) from None
 
-    nvcc = find_nvcc(CUDA_HOME)
-    has_nvcc = nvcc is not None
     cuda_missing = []
     if torch.version.cuda is None:
         cuda_missing.append(f"torch {torch.__version__} is a CPU-only build")
-    if not has_nvcc:
-        cuda_missing.append("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+    toolkit, rejected, default_archs = None, [], None
+    if build_cuda != "0":
+        toolkit, rejected = find_cuda_toolkit(CUDA_HOME)
+        if toolkit is None:
+            cuda_missing.append(
+                "no CUDA toolkit was found ("
+                + ("; ".join(rejected) or "no nvcc on PATH, CUDA_HOME unset")
+                + "): set CUDA_HOME to the folder that holds bin/nvcc and include/cuda_runtime.h"
+            )
+        elif (torch.version.cuda is not None
+              and not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+              and not gpus_visible(torch)):
+            nvcc = os.path.join(toolkit, "bin", "nvcc")
+            default_archs = default_cuda_arch_list(nvcc_gpu_archs(nvcc))
+            if default_archs is None:
+                cuda_missing.append(
+                    f"no GPU is visible and TORCH_CUDA_ARCH_LIST is unset, and {nvcc} builds none "
+                    f"of {'/'.join(DEFAULT_CUDA_ARCHS)}: set TORCH_CUDA_ARCH_LIST (e.g. \"9.0\")"
+                )
     if build_cuda == "1" and cuda_missing:
         raise SystemExit(
             "setup.py: SPANBERT_FAST_BUILD_CUDA=1 but the CUDA kernels cannot be built: "
@@ -120,6 +256,20 @@ def native_extensions() -> tuple[list, dict]:
             "SPANBERT_FAST_BUILD_CUDA=auto|0."
         )
     with_cuda = build_cuda != "0" and not cuda_missing
+    if with_cuda:
+        for note in rejected:
+            if note.startswith(("CUDA_HOME:", "CUDA_PATH:")):
+                print(f"spanbert_fast: WARNING: {note}; using {toolkit} instead", file=sys.stderr)
+        # torch's build reads its module-level CUDA_HOME (nvcc, headers, libraries), guessed
+        # at import time; replace the guess by the toolkit that holds the headers.
+        os.environ["CUDA_HOME"] = toolkit
+        cpp_extension.CUDA_HOME = toolkit
+        if default_archs is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_archs
+    elif build_cuda == "auto" and torch.version.cuda is not None:
+        print(f"spanbert_fast: WARNING: torch {torch.__version__} is a CUDA build, but the CUDA "
+              f"kernels are not built ({'; '.join(cuda_missing)}); building the CPU operators "
+              "only. SPANBERT_FAST_BUILD_CUDA=1 makes this an error.", file=sys.stderr)
 
     sources = sorted(glob.glob("csrc/*.cpp"))
     if with_cuda:
@@ -147,15 +297,27 @@ def native_extensions() -> tuple[list, dict]:
         extra_compile_args=compile_args if with_cuda else {"cxx": compile_args["cxx"]},
     )
     put_venv_bin_on_path()
-    print(
-        f"spanbert_fast: building {EXTENSION_NAME} against torch {torch.__version__} "
-        + (f"with CUDA {torch.version.cuda} kernels ({nvcc})" if with_cuda
-           else f"CPU operators only ({'; '.join(cuda_missing) or 'SPANBERT_FAST_BUILD_CUDA=0'})")
-    )
+    if with_cuda:
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+        if default_archs is not None:
+            archs = f"no GPU is visible, so the default TORCH_CUDA_ARCH_LIST={default_archs}"
+        elif arch_list:
+            archs = f"TORCH_CUDA_ARCH_LIST={arch_list}"
+        else:
+            archs = "the architectures of the visible GPUs"
+        skipped = f"; skipped {'; '.join(rejected)}" if rejected else ""
+        how = f"with CUDA {torch.version.cuda} kernels (CUDA_HOME={toolkit}{skipped}; {archs})"
+    elif build_cuda == "0":
+        how = "CPU operators only (SPANBERT_FAST_BUILD_CUDA=0)"
+    else:
+        how = f"CPU operators only ({'; '.join(cuda_missing)})"
+    print(f"spanbert_fast: building {EXTENSION_NAME} against torch {torch.__version__} {how}")
     return [extension], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = native_extensions()
+# setuptools and pip run this file as __main__; tests/install/test_build.py loads it for its functions
+# (with setuptools.setup stubbed out), which must build nothing.
+ext_modules, cmdclass = native_extensions() if __name__ == "__main__" else ([], {})
 
 setup(
     name="spanbert_fast",

@@ -51,34 +51,35 @@ namespace spanbert_fast {
 void check_word_starts_inputs(const at::Tensor& input_ids,
                               const at::Tensor& is_continuation,
                               const std::optional<at::Tensor>& attention_mask) {
-  TORCH_CHECK(input_ids.scalar_type() == at::kLong,
-              "word_starts: input_ids must be int64 (torch.long), got ",
-              input_ids.scalar_type());
-  TORCH_CHECK(input_ids.dim() == 2, "word_starts: input_ids must be 2-D (batch, seq), got shape ",
-              input_ids.sizes());
-  TORCH_CHECK(is_continuation.scalar_type() == at::kBool,
-              "word_starts: is_continuation must be bool (one flag per vocabulary entry), got ",
-              is_continuation.scalar_type());
-  TORCH_CHECK(is_continuation.dim() == 1,
-              "word_starts: is_continuation must be 1-D (vocab_size,), got shape ",
-              is_continuation.sizes());
-  TORCH_CHECK(is_continuation.device() == input_ids.device(),
-              "word_starts: is_continuation must be on the device of input_ids (",
-              input_ids.device(), "), got ", is_continuation.device());
+  TORCH_CHECK_TYPE(input_ids.scalar_type() == at::kLong,
+                   "word_starts: input_ids must be int64 (torch.long), got ",
+                   input_ids.scalar_type());
+  TORCH_CHECK_VALUE(input_ids.dim() == 2,
+                    "word_starts: input_ids must be 2-D (batch, seq), got shape ",
+                    input_ids.sizes());
+  TORCH_CHECK_TYPE(is_continuation.scalar_type() == at::kBool,
+                   "word_starts: is_continuation must be bool (one flag per vocabulary entry), "
+                   "got ", is_continuation.scalar_type());
+  TORCH_CHECK_VALUE(is_continuation.dim() == 1,
+                    "word_starts: is_continuation must be 1-D (vocab_size,), got shape ",
+                    is_continuation.sizes());
+  TORCH_CHECK_VALUE(is_continuation.device() == input_ids.device(),
+                    "word_starts: is_continuation must be on the device of input_ids (",
+                    input_ids.device(), "), got ", is_continuation.device());
   if (!attention_mask.has_value()) {
     return;
   }
   const at::Tensor& mask = *attention_mask;
-  TORCH_CHECK(mask.sizes() == input_ids.sizes(),
-              "word_starts: attention_mask must have the shape of input_ids ", input_ids.sizes(),
-              ", got ", mask.sizes());
-  TORCH_CHECK(at::isIntegralType(mask.scalar_type(), /*includeBool=*/true),
-              "word_starts: attention_mask must be bool or an integer dtype "
-              "(nonzero = real token), got ",
-              mask.scalar_type());
-  TORCH_CHECK(mask.device() == input_ids.device(),
-              "word_starts: attention_mask must be on the device of input_ids (",
-              input_ids.device(), "), got ", mask.device());
+  TORCH_CHECK_VALUE(mask.sizes() == input_ids.sizes(),
+                    "word_starts: attention_mask must have the shape of input_ids ",
+                    input_ids.sizes(), ", got ", mask.sizes());
+  TORCH_CHECK_TYPE(at::isIntegralType(mask.scalar_type(), /*includeBool=*/true),
+                   "word_starts: attention_mask must be bool or an integer dtype "
+                   "(nonzero = real token), got ",
+                   mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.device() == input_ids.device(),
+                    "word_starts: attention_mask must be on the device of input_ids (",
+                    input_ids.device(), "), got ", mask.device());
 }
 
 at::Tensor attention_mask_as_bool(const std::optional<at::Tensor>& attention_mask) {
@@ -93,11 +94,14 @@ at::Tensor attention_mask_as_bool(const std::optional<at::Tensor>& attention_mas
 
 void raise_token_id_out_of_range(const at::Tensor& input_ids, int64_t table_size,
                                  int64_t flat_index) {
+  // Word for word the error of spanbert_fast.masking.word_starts' own check, which runs
+  // first except while torch.compile traces.
   const int64_t seq = input_ids.size(1);
   const int64_t value = input_ids.reshape({-1}).select(0, flat_index).item<int64_t>();
-  TORCH_CHECK(false, "word_starts: input_ids must be in [0, ", table_size,
-              ") (the length of is_continuation), got ", value, " at position (",
-              flat_index / seq, ", ", flat_index % seq, ")");
+  TORCH_CHECK_VALUE(false, "input_ids must be in [0, ", table_size,
+                    ") (the length of is_continuation), got ", value, " at position (",
+                    flat_index / seq, ", ", flat_index % seq, "); values span [",
+                    input_ids.min().item<int64_t>(), ", ", input_ids.max().item<int64_t>(), "]");
 }
 
 #ifdef SBF_WITH_CUDA

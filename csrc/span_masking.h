@@ -27,7 +27,8 @@ struct SpanMaskingArguments {
 };
 
 // Checks every argument of span_masking (dtypes, ranks, shapes, devices, ranges of the
-// scalars and tables) with a TORCH_CHECK that names it, and returns the kernel
+// scalars and tables) with an error that names it, TORCH_CHECK_TYPE for a dtype (Python's
+// TypeError) and TORCH_CHECK_VALUE for the rest (ValueError), and returns the kernel
 // parameters. The id range is checked by the kernels while they run.
 core::SpanMaskingParams check_span_masking_inputs(
     const at::Tensor& input_ids, const at::Tensor& token_flags,
@@ -45,7 +46,8 @@ struct PreparedSpanMasking {
   core::SpanMaskingTensors tensors;
 };
 
-// Raises the error for an id outside [0, vocab_size) at flat index `flat_index`.
+// Raises the error (a ValueError in Python) for an id outside [0, vocab_size) at flat
+// index `flat_index`.
 void raise_span_masking_id_out_of_range(const at::Tensor& input_ids, int64_t vocab_size,
                                         int64_t flat_index);
 

@@ -29,26 +29,26 @@ void lower_to(std::atomic<int64_t>& target, int64_t value) {
 }
 
 void check_same_device(const at::Tensor& tensor, const char* name, const at::Tensor& input_ids) {
-  TORCH_CHECK(tensor.device() == input_ids.device(), "span_masking: ", name,
-              " must be on the device of input_ids (", input_ids.device(), "), got ",
-              tensor.device());
+  TORCH_CHECK_VALUE(tensor.device() == input_ids.device(), "span_masking: ", name,
+                    " must be on the device of input_ids (", input_ids.device(), "), got ",
+                    tensor.device());
 }
 
 void check_probability_threshold(int64_t value, const char* name) {
-  TORCH_CHECK(value >= 0 && value <= core::kProbabilityOne, "span_masking: ", name,
-              " must be in [0, 2^32] (a probability times 2^32), got ", value);
+  TORCH_CHECK_VALUE(value >= 0 && value <= core::kProbabilityOne, "span_masking: ", name,
+                    " must be in [0, 2^32] (a probability times 2^32), got ", value);
 }
 
 std::vector<int64_t> checked_span_word_thresholds(c10::IntArrayRef thresholds,
                                                   const char* op) {
-  TORCH_CHECK(static_cast<int64_t>(thresholds.size()) < core::kMaxSpanWords, op,
-              ": span_word_thresholds must have max_span_words - 1 entries, at most ",
-              core::kMaxSpanWords - 1, ", got ", thresholds.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(thresholds.size()) < core::kMaxSpanWords, op,
+                    ": span_word_thresholds must have max_span_words - 1 entries, at most ",
+                    core::kMaxSpanWords - 1, ", got ", thresholds.size());
   int64_t previous = 0;
   for (size_t k = 0; k < thresholds.size(); ++k) {
-    TORCH_CHECK(thresholds[k] >= previous && thresholds[k] <= core::kProbabilityOne, op,
-                ": span_word_thresholds must be non-decreasing in [0, 2^32] (the CDF of the "
-                "span length in words, times 2^32), got ", thresholds, " (entry ", k, ")");
+    TORCH_CHECK_VALUE(thresholds[k] >= previous && thresholds[k] <= core::kProbabilityOne, op,
+                      ": span_word_thresholds must be non-decreasing in [0, 2^32] (the CDF of the "
+                      "span length in words, times 2^32), got ", thresholds, " (entry ", k, ")");
     previous = thresholds[k];
   }
   return std::vector<int64_t>(thresholds.begin(), thresholds.end());
@@ -61,53 +61,55 @@ core::SpanMaskingParams check_span_masking_inputs(
     const std::optional<at::Tensor>& attention_mask,
     const std::optional<at::Tensor>& word_starts, const at::Tensor& offsets,
     const std::optional<at::Tensor>& unigram_cdf, const SpanMaskingArguments& arguments) {
-  TORCH_CHECK(input_ids.scalar_type() == at::kLong,
-              "span_masking: input_ids must be int64 (torch.long), got ", input_ids.scalar_type());
-  TORCH_CHECK(input_ids.dim() == 2,
-              "span_masking: input_ids must be 2-D (batch, seq), got shape ", input_ids.sizes());
-  TORCH_CHECK(input_ids.size(1) <= INT32_MAX,
-              "span_masking: input_ids must have at most 2^31 - 1 positions per sequence, got ",
-              input_ids.size(1));
-  TORCH_CHECK(token_flags.scalar_type() == at::kByte,
-              "span_masking: token_flags must be uint8 (bit 0: ## continuation, bit 1: "
-              "special token), got ", token_flags.scalar_type());
-  TORCH_CHECK(token_flags.dim() == 1 && token_flags.numel() >= 1 &&
-                  token_flags.numel() <= INT32_MAX,
-              "span_masking: token_flags must be 1-D (vocab_size,) with 1 <= vocab_size < 2^31, "
-              "got shape ", token_flags.sizes());
+  TORCH_CHECK_TYPE(input_ids.scalar_type() == at::kLong,
+                   "span_masking: input_ids must be int64 (torch.long), got ",
+                   input_ids.scalar_type());
+  TORCH_CHECK_VALUE(input_ids.dim() == 2,
+                    "span_masking: input_ids must be 2-D (batch, seq), got shape ",
+                    input_ids.sizes());
+  TORCH_CHECK_VALUE(input_ids.size(1) <= INT32_MAX,
+                    "span_masking: input_ids must have at most 2^31 - 1 positions per "
+                    "sequence, got ", input_ids.size(1));
+  TORCH_CHECK_TYPE(token_flags.scalar_type() == at::kByte,
+                   "span_masking: token_flags must be uint8 (bit 0: ## continuation, bit 1: "
+                   "special token), got ", token_flags.scalar_type());
+  TORCH_CHECK_VALUE(token_flags.dim() == 1 && token_flags.numel() >= 1 &&
+                        token_flags.numel() <= INT32_MAX,
+                    "span_masking: token_flags must be 1-D (vocab_size,) with "
+                    "1 <= vocab_size < 2^31, got shape ", token_flags.sizes());
   check_same_device(token_flags, "token_flags", input_ids);
   const int64_t vocab_size = token_flags.numel();
   if (attention_mask.has_value()) {
     const at::Tensor& mask = *attention_mask;
-    TORCH_CHECK(mask.sizes() == input_ids.sizes(),
-                "span_masking: attention_mask must have the shape of input_ids ",
-                input_ids.sizes(), ", got ", mask.sizes());
-    TORCH_CHECK(at::isIntegralType(mask.scalar_type(), /*includeBool=*/true),
-                "span_masking: attention_mask must be bool or an integer dtype "
-                "(nonzero = real token), got ", mask.scalar_type());
+    TORCH_CHECK_VALUE(mask.sizes() == input_ids.sizes(),
+                      "span_masking: attention_mask must have the shape of input_ids ",
+                      input_ids.sizes(), ", got ", mask.sizes());
+    TORCH_CHECK_TYPE(at::isIntegralType(mask.scalar_type(), /*includeBool=*/true),
+                     "span_masking: attention_mask must be bool or an integer dtype "
+                     "(nonzero = real token), got ", mask.scalar_type());
     check_same_device(mask, "attention_mask", input_ids);
   }
   if (word_starts.has_value()) {
-    TORCH_CHECK(word_starts->scalar_type() == at::kBool,
-                "span_masking: word_starts must be bool, got ", word_starts->scalar_type());
-    TORCH_CHECK(word_starts->sizes() == input_ids.sizes(),
-                "span_masking: word_starts must have the shape of input_ids ", input_ids.sizes(),
-                ", got ", word_starts->sizes());
+    TORCH_CHECK_TYPE(word_starts->scalar_type() == at::kBool,
+                     "span_masking: word_starts must be bool, got ", word_starts->scalar_type());
+    TORCH_CHECK_VALUE(word_starts->sizes() == input_ids.sizes(),
+                      "span_masking: word_starts must have the shape of input_ids ",
+                      input_ids.sizes(), ", got ", word_starts->sizes());
     check_same_device(*word_starts, "word_starts", input_ids);
   }
-  TORCH_CHECK(offsets.scalar_type() == at::kLong,
-              "span_masking: offsets must be int64, got ", offsets.scalar_type());
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == input_ids.size(0),
-              "span_masking: offsets must be 1-D (batch,) = (", input_ids.size(0), ",), got shape ",
-              offsets.sizes());
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong,
+                   "span_masking: offsets must be int64, got ", offsets.scalar_type());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == input_ids.size(0),
+                    "span_masking: offsets must be 1-D (batch,) = (", input_ids.size(0),
+                    ",), got shape ", offsets.sizes());
   check_same_device(offsets, "offsets", input_ids);
   if (unigram_cdf.has_value()) {
     const at::Tensor& cdf = *unigram_cdf;
-    TORCH_CHECK(cdf.scalar_type() == at::kLong,
-                "span_masking: unigram_cdf must be int64, got ", cdf.scalar_type());
-    TORCH_CHECK(cdf.dim() == 1 && cdf.numel() == vocab_size,
-                "span_masking: unigram_cdf must be 1-D (vocab_size,) = (", vocab_size,
-                ",) like token_flags, got shape ", cdf.sizes());
+    TORCH_CHECK_TYPE(cdf.scalar_type() == at::kLong,
+                     "span_masking: unigram_cdf must be int64, got ", cdf.scalar_type());
+    TORCH_CHECK_VALUE(cdf.dim() == 1 && cdf.numel() == vocab_size,
+                      "span_masking: unigram_cdf must be 1-D (vocab_size,) = (", vocab_size,
+                      ",) like token_flags, got shape ", cdf.sizes());
     check_same_device(cdf, "unigram_cdf", input_ids);
     if (cdf.device().is_cpu()) {
       // Bad values cannot read out of bounds (the search stays in [0, vocab_size)); this
@@ -116,36 +118,36 @@ core::SpanMaskingParams check_span_masking_inputs(
       const int64_t* values = contiguous.const_data_ptr<int64_t>();
       int64_t previous = 0;
       for (int64_t k = 0; k < vocab_size; ++k) {
-        TORCH_CHECK(values[k] >= previous,
-                    "span_masking: unigram_cdf must be non-decreasing, got ", values[k],
-                    " after ", previous, " at index ", k);
+        TORCH_CHECK_VALUE(values[k] >= previous,
+                          "span_masking: unigram_cdf must be non-decreasing, got ", values[k],
+                          " after ", previous, " at index ", k);
         previous = values[k];
       }
-      TORCH_CHECK(previous == core::kProbabilityOne,
-                  "span_masking: unigram_cdf must end at 2^32 (a CDF times 2^32), got ",
-                  previous);
+      TORCH_CHECK_VALUE(previous == core::kProbabilityOne,
+                        "span_masking: unigram_cdf must end at 2^32 (a CDF times 2^32), got ",
+                        previous);
     }
   }
-  TORCH_CHECK(arguments.seed >= 0, "span_masking: seed must be >= 0, got ", arguments.seed);
-  TORCH_CHECK(arguments.mask_token_id >= 0 && arguments.mask_token_id < vocab_size,
-              "span_masking: mask_token_id must be in [0, ", vocab_size,
-              ") (the length of token_flags), got ", arguments.mask_token_id);
-  TORCH_CHECK(arguments.mask_ratio_denominator >= 1 &&
-                  arguments.mask_ratio_denominator <= (int64_t{1} << 24) &&
-                  arguments.mask_ratio_numerator >= 0 &&
-                  arguments.mask_ratio_numerator <= arguments.mask_ratio_denominator,
-              "span_masking: the mask ratio must be a fraction numerator / denominator in [0, 1] "
-              "with 1 <= denominator <= 2^24, got ", arguments.mask_ratio_numerator, " / ",
-              arguments.mask_ratio_denominator);
+  TORCH_CHECK_VALUE(arguments.seed >= 0, "span_masking: seed must be >= 0, got ", arguments.seed);
+  TORCH_CHECK_VALUE(arguments.mask_token_id >= 0 && arguments.mask_token_id < vocab_size,
+                    "span_masking: mask_token_id must be in [0, ", vocab_size,
+                    ") (the length of token_flags), got ", arguments.mask_token_id);
+  TORCH_CHECK_VALUE(arguments.mask_ratio_denominator >= 1 &&
+                        arguments.mask_ratio_denominator <= (int64_t{1} << 24) &&
+                        arguments.mask_ratio_numerator >= 0 &&
+                        arguments.mask_ratio_numerator <= arguments.mask_ratio_denominator,
+                    "span_masking: the mask ratio must be a fraction numerator / denominator "
+                    "in [0, 1] with 1 <= denominator <= 2^24, got ",
+                    arguments.mask_ratio_numerator, " / ", arguments.mask_ratio_denominator);
   check_probability_threshold(arguments.mask_threshold, "mask_threshold");
   check_probability_threshold(arguments.random_threshold, "random_threshold");
-  TORCH_CHECK(arguments.mask_threshold <= arguments.random_threshold,
-              "span_masking: random_threshold (cumulative: P(mask) + P(random), times 2^32) "
-              "must be >= mask_threshold, got ", arguments.random_threshold, " < ",
-              arguments.mask_threshold);
-  TORCH_CHECK(arguments.max_span_len >= 1,
-              "span_masking: max_span_len must be >= 1 (the SBO position table's size), got ",
-              arguments.max_span_len);
+  TORCH_CHECK_VALUE(arguments.mask_threshold <= arguments.random_threshold,
+                    "span_masking: random_threshold (cumulative: P(mask) + P(random), times 2^32) "
+                    "must be >= mask_threshold, got ", arguments.random_threshold, " < ",
+                    arguments.mask_threshold);
+  TORCH_CHECK_VALUE(arguments.max_span_len >= 1,
+                    "span_masking: max_span_len must be >= 1 (the SBO position table's size), got ",
+                    arguments.max_span_len);
 
   core::SpanMaskingParams params{};
   params.batch = input_ids.size(0);
@@ -170,9 +172,10 @@ void raise_span_masking_id_out_of_range(const at::Tensor& input_ids, int64_t voc
                                         int64_t flat_index) {
   const int64_t seq = input_ids.size(1);
   const int64_t value = input_ids.reshape({-1}).select(0, flat_index).item<int64_t>();
-  TORCH_CHECK(false, "span_masking: input_ids must be in [0, ", vocab_size,
-              ") (the length of token_flags), got ", value, " at position (", flat_index / seq,
-              ", ", flat_index % seq, ")");
+  // Word for word the error of SpanMasker's own check (spanbert_fast/masking.py), which
+  // runs instead of this op when the extension is missing: SpanMasker passes it on as is.
+  TORCH_CHECK_VALUE(false, "input_ids must be in [0, ", vocab_size, ") (vocab_size), got ", value,
+                    " at position (", flat_index / seq, ", ", flat_index % seq, ")");
 }
 
 namespace {
@@ -274,13 +277,14 @@ SpanMaskingResult span_masking(
 
 at::Tensor sample_span_lengths_cpu(int64_t seed, const at::Tensor& offsets, int64_t count,
                                    c10::IntArrayRef span_word_thresholds) {
-  TORCH_CHECK(seed >= 0, "sample_span_lengths: seed must be >= 0, got ", seed);
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1,
-              "sample_span_lengths: offsets must be a 1-D int64 tensor, got ",
-              offsets.scalar_type(), " of shape ", offsets.sizes());
-  TORCH_CHECK(offsets.device().is_cpu(), "sample_span_lengths: offsets must be on the CPU, got ",
-              offsets.device());
-  TORCH_CHECK(count >= 0, "sample_span_lengths: count must be >= 0, got ", count);
+  TORCH_CHECK_VALUE(seed >= 0, "sample_span_lengths: seed must be >= 0, got ", seed);
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong,
+                   "sample_span_lengths: offsets must be int64, got ", offsets.scalar_type());
+  TORCH_CHECK_VALUE(offsets.dim() == 1, "sample_span_lengths: offsets must be 1-D, got shape ",
+                    offsets.sizes());
+  TORCH_CHECK_VALUE(offsets.device().is_cpu(),
+                    "sample_span_lengths: offsets must be on the CPU, got ", offsets.device());
+  TORCH_CHECK_VALUE(count >= 0, "sample_span_lengths: count must be >= 0, got ", count);
   const std::vector<int64_t> thresholds =
       checked_span_word_thresholds(span_word_thresholds, "sample_span_lengths");
   const at::Tensor row_offsets = offsets.contiguous();
@@ -300,15 +304,17 @@ at::Tensor sample_span_lengths_cpu(int64_t seed, const at::Tensor& offsets, int6
 }
 
 at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {
-  TORCH_CHECK(counter.scalar_type() == at::kLong && counter.dim() == 2 && counter.size(1) == 4,
-              "philox4x32_10: counter must be (n, 4) int64, got ", counter.scalar_type(),
-              " of shape ", counter.sizes());
-  TORCH_CHECK(key.scalar_type() == at::kLong && key.dim() == 2 && key.size(1) == 2 &&
-                  key.size(0) == counter.size(0),
-              "philox4x32_10: key must be (n, 2) int64 with the n of counter, got ",
-              key.scalar_type(), " of shape ", key.sizes());
-  TORCH_CHECK(counter.device().is_cpu() && key.device().is_cpu(),
-              "philox4x32_10: counter and key must be on the CPU");
+  TORCH_CHECK_TYPE(counter.scalar_type() == at::kLong && key.scalar_type() == at::kLong,
+                   "philox4x32_10: counter and key must be int64, got ", counter.scalar_type(),
+                   " and ", key.scalar_type());
+  TORCH_CHECK_VALUE(counter.dim() == 2 && counter.size(1) == 4,
+                    "philox4x32_10: counter must be (n, 4), got shape ", counter.sizes());
+  TORCH_CHECK_VALUE(key.dim() == 2 && key.size(1) == 2 && key.size(0) == counter.size(0),
+                    "philox4x32_10: key must be (n, 2) with the n of counter, got shape ",
+                    key.sizes());
+  TORCH_CHECK_VALUE(counter.device().is_cpu() && key.device().is_cpu(),
+                    "philox4x32_10: counter and key must be on the CPU, got ", counter.device(),
+                    " and ", key.device());
   const at::Tensor counters = counter.contiguous();
   const at::Tensor keys = key.contiguous();
   at::Tensor out = at::empty({counter.size(0), 4}, counter.options());
@@ -319,13 +325,13 @@ at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {
     uint32_t words[4];
     for (int w = 0; w < 4; ++w) {
       const int64_t value = counter_ptr[4 * n + w];
-      TORCH_CHECK(value >= 0 && value <= UINT32_MAX,
-                  "philox4x32_10: counter values must be uint32, got ", value);
+      TORCH_CHECK_VALUE(value >= 0 && value <= UINT32_MAX,
+                        "philox4x32_10: counter values must be uint32, got ", value);
       words[w] = static_cast<uint32_t>(value);
     }
     for (int w = 0; w < 2; ++w) {
-      TORCH_CHECK(key_ptr[2 * n + w] >= 0 && key_ptr[2 * n + w] <= UINT32_MAX,
-                  "philox4x32_10: key values must be uint32, got ", key_ptr[2 * n + w]);
+      TORCH_CHECK_VALUE(key_ptr[2 * n + w] >= 0 && key_ptr[2 * n + w] <= UINT32_MAX,
+                        "philox4x32_10: key values must be uint32, got ", key_ptr[2 * n + w]);
     }
     const core::Philox4x32Block block =
         core::philox4x32_10(words, static_cast<uint32_t>(key_ptr[2 * n]),

@@ -175,8 +175,8 @@ def _register_fakes() -> None:
                              ("word_starts", word_starts), ("offsets", offsets),
                              ("unigram_cdf", unigram_cdf)):
             if tensor is not None and tensor.device != input_ids.device:
-                raise RuntimeError(f"span_masking: {name} must be on the device of input_ids "
-                                   f"({input_ids.device}), got {tensor.device}")
+                raise ValueError(f"span_masking: {name} must be on the device of input_ids "
+                                 f"({input_ids.device}), got {tensor.device}")
         # The number of SBO targets depends on the data: an unbacked size.
         num_targets = torch.library.get_ctx().new_dynamic_size()
         return (input_ids.new_empty(input_ids.shape, dtype=torch.int64),

@@ -3,7 +3,6 @@ backends: :mod:`spanbert_fast.masking`)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -13,10 +12,6 @@ from .parameters import (ACCEPTED_ID_DTYPES, INT64_RANGE, MAX_SPAN_WORDS_LIMIT,
                          TOKEN_IS_CONTINUATION, TOKEN_IS_SPECIAL, as_vocab_table, check_int,
                          check_probability, check_replace_probs, check_tensor, integer_cdf,
                          mask_ratio_fraction, span_length_probabilities, unigram_integer_cdf)
-
-
-_NATIVE_BAD_ID = re.compile(r"span_masking: input_ids must be in \[0, \d+\) .*?got (-?\d+) at "
-                            r"position \((\d+), (\d+)\)")
 
 
 def word_starts(
@@ -344,21 +339,13 @@ class SpanMasker:
             arguments = tuple(None if t is None else t.cpu()
                               for t in (input_ids, attention_mask, word_starts, offsets))
         ids, flags_mask, starts, row_offsets = arguments
-        try:
-            masked_ids, labels, sbo_targets = native_ops.span_masking(
-                ids, tables[0], flags_mask, starts, row_offsets, tables[1], self.seed,
-                self.mask_token_id, self._mask_ratio[0], self._mask_ratio[1],
-                self._span_word_thresholds, self._replace_thresholds[0],
-                self._replace_thresholds[1], self.max_span_len, self.sbo_special_boundaries)
-        except RuntimeError as exc:
-            # The op checks the id range while it runs (no extra pass over the ids, no
-            # extra sync on CUDA); its error becomes this function's ValueError.
-            bad = _NATIVE_BAD_ID.search(str(exc))
-            if bad is None:
-                raise
-            value, row, column = bad.groups()
-            raise ValueError(f"input_ids must be in [0, {self.vocab_size}) (vocab_size), got "
-                             f"{value} at position ({row}, {column})") from None
+        # The op checks the id range while it runs (no extra pass over the ids, no extra
+        # sync on CUDA) and raises the ValueError of _check_id_range, word for word.
+        masked_ids, labels, sbo_targets = native_ops.span_masking(
+            ids, tables[0], flags_mask, starts, row_offsets, tables[1], self.seed,
+            self.mask_token_id, self._mask_ratio[0], self._mask_ratio[1],
+            self._span_word_thresholds, self._replace_thresholds[0],
+            self._replace_thresholds[1], self.max_span_len, self.sbo_special_boundaries)
         if not native_device:
             device = input_ids.device
             masked_ids, labels, sbo_targets = (

@@ -204,21 +204,27 @@ def test_bad_input_python_wrapper(case, arguments, error, text):
 
 @pytest.mark.parametrize("case, arguments, error, text", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_native_op(native_word_starts, case, arguments, error, text):
+    """The op's own errors are typed (TORCH_CHECK_TYPE / TORCH_CHECK_VALUE): the wrapper's
+    TypeError or ValueError, through the dispatcher, with no C++ backtrace in the text."""
     if case == "int16 ids":
         text = "input_ids must be int64"
-    with pytest.raises(RuntimeError, match=re.escape(text)):
+    with pytest.raises(error, match=re.escape(text)) as caught:
         native_word_starts(arguments["input_ids"], arguments["is_continuation"],
                            arguments["attention_mask"])
+    assert "Exception raised from" not in str(caught.value)
 
 
 def test_bad_input_names_the_position():
     arguments = _with(input_ids=lambda x: x.index_put((torch.tensor([1]), torch.tensor([4])),
                                                       torch.tensor(99)))
-    with pytest.raises(ValueError, match=r"got 99 at position \(1, 4\)"):
+    with pytest.raises(ValueError, match=r"got 99 at position \(1, 4\)") as from_python:
         masking.word_starts(**arguments)
     if _C.extension_available():
-        with pytest.raises(RuntimeError, match=r"got 99 at position \(1, 4\)"):
+        # The op's message is the wrapper's, word for word (the op raises it alone while
+        # torch.compile traces the wrapper, which then skips its own check).
+        with pytest.raises(ValueError) as from_op:
             torch.ops.spanbert_fast.word_starts(*arguments.values())
+        assert str(from_op.value) == str(from_python.value)
 
 
 def test_bad_input_not_tensors_and_devices():
@@ -242,10 +248,167 @@ def test_native_op_cuda_matches_and_checks_devices(native_word_starts):
     expected = masking.sampler._word_starts_torch(input_ids, is_continuation, attention_mask)
     got = native_word_starts(input_ids.cuda(), is_continuation.cuda(), attention_mask.cuda())
     assert torch.equal(got.cpu(), expected)
-    with pytest.raises(RuntimeError, match="is_continuation must be on the device of input_ids"):
+    with pytest.raises(ValueError, match="is_continuation must be on the device of input_ids"):
         native_word_starts(input_ids.cuda(), is_continuation, None)
-    with pytest.raises(RuntimeError, match=r"input_ids must be in \[0, 28996\)"):
+    with pytest.raises(ValueError, match=r"input_ids must be in \[0, 28996\)"):
         native_word_starts((input_ids + VOCAB_SIZE).cuda(), is_continuation.cuda(), None)
+
+
+# --------------------------------------------------------------------------- setup.py
+
+
+def _load_setup_py():
+    """setup.py as a module, for its functions: it builds nothing unless run as __main__, and
+    setuptools.setup is stubbed out so that loading it installs nothing either."""
+    import importlib.util
+    from unittest import mock
+
+    spec = importlib.util.spec_from_file_location("spanbert_fast_setup_py", REPO_ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch("setuptools.setup", lambda **kwargs: None):
+        spec.loader.exec_module(module)
+    return module
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def _fake_toolkit(root: Path, archs=("80", "90", "100"), headers=True) -> Path:
+    """A CUDA toolkit root as setup.py sees it: bin/nvcc (which lists `archs`) and, with
+    `headers`, include/cuda_runtime.h."""
+    listing = "\\n".join(f"compute_{arch}" for arch in archs)
+    _executable(root / "bin" / "nvcc", f'#!/bin/sh\nprintf "{listing}\\n"\n')
+    if headers:
+        (root / "include").mkdir(parents=True)
+        (root / "include" / "cuda_runtime.h").write_text("#pragma once\n")
+    return root
+
+
+@pytest.fixture
+def cuda_machine(tmp_path, monkeypatch):
+    """A machine like CI's, in tmp_path: `nvcc` on PATH is a wrapper script in
+    <tmp>/local/bin that execs <tmp>/cuda-13.0/bin/nvcc (torch guesses <tmp>/local, which
+    holds no headers); no CUDA_HOME, no TORCH_CUDA_ARCH_LIST, no GPU, and torch looks like a
+    CUDA build to setup.py. Everything setup.py changes is restored afterwards."""
+    from torch.utils import cpp_extension
+
+    setup_py = _load_setup_py()
+    toolkit = _fake_toolkit(tmp_path / "cuda-13.0")
+    wrapper = _executable(tmp_path / "local" / "bin" / "nvcc",
+                          f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    for variable in ("CUDA_HOME", "CUDA_PATH", "TORCH_CUDA_ARCH_LIST", "SPANBERT_FAST_BUILD_CUDA",
+                     "SPANBERT_FAST_SKIP_EXTENSION", "MAX_JOBS"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    monkeypatch.setattr(setup_py, "CUDA_INSTALL_PREFIX", str(tmp_path / "no-default-install"))
+    monkeypatch.setattr(setup_py, "gpus_visible", lambda torch: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "local"))
+    monkeypatch.chdir(REPO_ROOT)  # setup.py globs csrc/ relative to the working directory
+    return setup_py, toolkit, wrapper
+
+
+def test_setup_finds_the_toolkit_behind_a_wrapper_nvcc(cuda_machine, tmp_path):
+    setup_py, toolkit, wrapper = cuda_machine
+    assert setup_py.nvcc_wrapper_targets(str(wrapper)) == [str(toolkit / "bin" / "nvcc")]
+    root, rejected = setup_py.find_cuda_toolkit(str(tmp_path / "local"))
+    assert root == str(toolkit)
+    assert rejected == [f"torch's CUDA_HOME guess: {tmp_path / 'local'} has no "
+                        "include/cuda_runtime.h"]
+
+
+def test_setup_toolkit_search_order(cuda_machine, tmp_path, monkeypatch, capsys):
+    setup_py, toolkit, _ = cuda_machine
+    # A symlinked nvcc: the folder above its real path.
+    linked = _fake_toolkit(tmp_path / "opt" / "cuda-12.8")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "nvcc").symlink_to(linked / "bin" / "nvcc")
+    monkeypatch.setenv("PATH", str(tmp_path / "links"))
+    assert setup_py.find_cuda_toolkit(None) == (str(linked), [])
+    # $CUDA_HOME first when it holds a toolkit; skipped, and said so, when it does not.
+    explicit = _fake_toolkit(tmp_path / "explicit")
+    monkeypatch.setenv("CUDA_HOME", str(explicit))
+    assert setup_py.find_cuda_toolkit(None) == (str(explicit), [])
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "missing"))
+    missing = f"CUDA_HOME: {tmp_path / 'missing'} has no bin/nvcc or include/cuda_runtime.h"
+    assert setup_py.find_cuda_toolkit(None) == (str(linked), [missing])
+    setup_py.native_extensions()
+    assert f"WARNING: {missing}; using {linked} instead" in capsys.readouterr().err
+    # Nothing on PATH: the installers' default places, the newest version first.
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    prefix = tmp_path / "usr-local"
+    for version in ("12.8", "13.0", "9.2"):
+        _fake_toolkit(prefix / f"cuda-{version}")
+    monkeypatch.setattr(setup_py, "CUDA_INSTALL_PREFIX", str(prefix))
+    assert setup_py.find_cuda_toolkit(None) == (str(prefix / "cuda-13.0"), [])
+    # A binary nvcc names no other nvcc.
+    assert setup_py.nvcc_wrapper_targets(sys.executable) == []
+
+
+def test_setup_default_arch_list():
+    setup_py = _load_setup_py()
+    assert setup_py.default_cuda_arch_list({"7.5", "8.0", "8.6", "9.0", "10.0", "12.0"}) == \
+        "8.0;9.0;10.0+PTX"
+    assert setup_py.default_cuda_arch_list({"7.5", "8.0", "9.0"}) == "8.0;9.0+PTX"
+    assert setup_py.default_cuda_arch_list(None) == "8.0;9.0+PTX"  # nvcc cannot list them
+    assert setup_py.default_cuda_arch_list({"12.0"}) is None
+
+
+def test_setup_builds_cuda_with_the_found_toolkit_and_default_archs(cuda_machine, capsys):
+    """CI's machine (a wrapper nvcc, no GPU, nothing set): before, torch's build got
+    CUDA_HOME=/usr/local (no cuda_runtime.h) and no architectures (IndexError in torch 2.11)."""
+    from torch.utils import cpp_extension
+
+    setup_py, toolkit, _ = cuda_machine
+    (extension,), cmdclass = setup_py.native_extensions()
+    assert any(source.endswith(".cu") for source in extension.sources)
+    assert "-DSBF_WITH_CUDA" in extension.extra_compile_args["cxx"]
+    assert os.environ["CUDA_HOME"] == cpp_extension.CUDA_HOME == str(toolkit)
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;10.0+PTX"
+    out = capsys.readouterr().out
+    assert f"CUDA_HOME={toolkit}" in out
+    assert "no GPU is visible, so the default TORCH_CUDA_ARCH_LIST=8.0;9.0;10.0+PTX" in out
+
+
+def test_setup_keeps_a_given_arch_list(cuda_machine, monkeypatch):
+    setup_py, _, _ = cuda_machine
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    setup_py.native_extensions()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+
+
+def test_setup_without_cuda_headers_falls_back_or_fails(cuda_machine, tmp_path, monkeypatch,
+                                                        capsys):
+    setup_py, _, _ = cuda_machine
+    headless = _fake_toolkit(tmp_path / "nvcc-only", headers=False)
+    _executable(tmp_path / "local" / "bin" / "nvcc", f'#!/bin/sh\nexec {headless}/bin/nvcc "$@"\n')
+    # auto: the CPU operators, and a warning that says why.
+    (extension,), _ = setup_py.native_extensions()
+    assert not any(source.endswith(".cu") for source in extension.sources)
+    assert "-DSBF_WITH_CUDA" not in extension.extra_compile_args["cxx"]
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "CUDA kernels are not built" in err
+    assert f"{headless} has no include/cuda_runtime.h" in err and "set CUDA_HOME" in err
+    # 1: an error that says the same.
+    monkeypatch.setenv("SPANBERT_FAST_BUILD_CUDA", "1")
+    with pytest.raises(SystemExit, match="SPANBERT_FAST_BUILD_CUDA=1 but the CUDA kernels cannot "
+                                         r"be built: no CUDA toolkit was found .*set CUDA_HOME"):
+        setup_py.native_extensions()
+
+
+def test_setup_without_a_buildable_default_arch_fails_under_1(cuda_machine, tmp_path,
+                                                              monkeypatch):
+    setup_py, toolkit, _ = cuda_machine
+    _fake_toolkit(toolkit, archs=("120",), headers=False)  # an nvcc for sm_120 only
+    monkeypatch.setenv("SPANBERT_FAST_BUILD_CUDA", "1")
+    with pytest.raises(SystemExit, match=r"no GPU is visible and TORCH_CUDA_ARCH_LIST is unset.*"
+                                         r"set TORCH_CUDA_ARCH_LIST"):
+        setup_py.native_extensions()
 
 
 # --------------------------------------------------------------------------- fallback
@@ -384,6 +547,14 @@ def test_torch_compile_fullgraph(native_word_starts):
         compiled = torch.compile(function, fullgraph=True)
         expected = function(input_ids, is_continuation, attention_mask)
         assert torch.equal(compiled(input_ids, is_continuation, attention_mask), expected)
+    # Traced, the wrapper skips its own id check (data-dependent); the op's ValueError is the
+    # same, word for word.
+    input_ids[2, 50] = VOCAB_SIZE
+    with pytest.raises(ValueError) as eager:
+        through_the_wrapper(input_ids, is_continuation, attention_mask)
+    with pytest.raises(ValueError) as traced:
+        compiled(input_ids, is_continuation, attention_mask)
+    assert str(traced.value) == str(eager.value)
 
 
 # --------------------------------------------------------------------------- CUDA sources

@@ -695,34 +695,68 @@ def test_native_op_checks_its_inputs(native):
                 span_word_thresholds=masker._span_word_thresholds,
                 mask_threshold=masker._replace_thresholds[0],
                 random_threshold=masker._replace_thresholds[1], max_span_len=15)
+    # (changes, error, text): typed errors (TORCH_CHECK_TYPE / TORCH_CHECK_VALUE) that
+    # reach Python through the dispatcher as TypeError / ValueError.
     cases = [
-        (dict(input_ids=ids.int()), "input_ids must be int64"),
-        (dict(input_ids=ids[0], attention_mask=None), "input_ids must be 2-D (batch, seq)"),
-        (dict(input_ids=ids.index_fill(1, torch.tensor([4]), VOCAB_SIZE)),
-         "input_ids must be in [0, 1000) (the length of token_flags), got 1000 at position (0, 4)"),
-        (dict(token_flags=masker._token_flags.bool()), "token_flags must be uint8"),
-        (dict(token_flags=masker._token_flags.to("meta")), "token_flags must be on the device"),
-        (dict(attention_mask=mask[:, 1:]), "attention_mask must have the shape of input_ids"),
-        (dict(word_starts=mask.long()), "word_starts must be bool"),
-        (dict(offsets=torch.arange(3)), "offsets must be 1-D (batch,) = (2,)"),
-        (dict(offsets=torch.arange(2).int()), "offsets must be int64"),
-        (dict(unigram_cdf=torch.arange(5)), "unigram_cdf must be 1-D (vocab_size,) = (1000,)"),
-        (dict(unigram_cdf=torch.arange(VOCAB_SIZE)), "unigram_cdf must end at 2^32"),
-        (dict(seed=-3), "seed must be >= 0"),
-        (dict(mask_token_id=VOCAB_SIZE), "mask_token_id must be in [0, 1000)"),
-        (dict(mask_ratio_numerator=21), "the mask ratio must be a fraction"),
-        (dict(mask_ratio_denominator=0), "the mask ratio must be a fraction"),
-        (dict(span_word_thresholds=[5, 3]), "span_word_thresholds must be non-decreasing"),
-        (dict(span_word_thresholds=[1] * 64), "span_word_thresholds must have max_span_words - 1"),
-        (dict(mask_threshold=1 << 33), "mask_threshold must be in [0, 2^32]"),
-        (dict(random_threshold=0), "random_threshold (cumulative"),
-        (dict(max_span_len=0), "max_span_len must be >= 1"),
+        (dict(input_ids=ids.int()), TypeError, "input_ids must be int64"),
+        (dict(input_ids=ids[0], attention_mask=None), ValueError,
+         "input_ids must be 2-D (batch, seq)"),
+        (dict(input_ids=ids.index_fill(1, torch.tensor([4]), VOCAB_SIZE)), ValueError,
+         "input_ids must be in [0, 1000) (vocab_size), got 1000 at position (0, 4)"),
+        (dict(token_flags=masker._token_flags.bool()), TypeError, "token_flags must be uint8"),
+        (dict(token_flags=masker._token_flags[None]), ValueError,
+         "token_flags must be 1-D (vocab_size,)"),
+        (dict(token_flags=masker._token_flags.to("meta")), ValueError,
+         "token_flags must be on the device"),
+        (dict(attention_mask=mask[:, 1:]), ValueError,
+         "attention_mask must have the shape of input_ids"),
+        (dict(attention_mask=mask.float()), TypeError,
+         "attention_mask must be bool or an integer dtype"),
+        (dict(word_starts=mask.long()), TypeError, "word_starts must be bool"),
+        (dict(word_starts=mask[:, 1:]), ValueError, "word_starts must have the shape of input_ids"),
+        (dict(offsets=torch.arange(3)), ValueError, "offsets must be 1-D (batch,) = (2,)"),
+        (dict(offsets=torch.arange(2).int()), TypeError, "offsets must be int64"),
+        (dict(unigram_cdf=torch.arange(VOCAB_SIZE).int()), TypeError, "unigram_cdf must be int64"),
+        (dict(unigram_cdf=torch.arange(5)), ValueError,
+         "unigram_cdf must be 1-D (vocab_size,) = (1000,)"),
+        (dict(unigram_cdf=torch.arange(VOCAB_SIZE)), ValueError, "unigram_cdf must end at 2^32"),
+        (dict(seed=-3), ValueError, "seed must be >= 0"),
+        (dict(mask_token_id=VOCAB_SIZE), ValueError, "mask_token_id must be in [0, 1000)"),
+        (dict(mask_ratio_numerator=21), ValueError, "the mask ratio must be a fraction"),
+        (dict(mask_ratio_denominator=0), ValueError, "the mask ratio must be a fraction"),
+        (dict(span_word_thresholds=[5, 3]), ValueError,
+         "span_word_thresholds must be non-decreasing"),
+        (dict(span_word_thresholds=[1] * 64), ValueError,
+         "span_word_thresholds must have max_span_words - 1"),
+        (dict(mask_threshold=1 << 33), ValueError, "mask_threshold must be in [0, 2^32]"),
+        (dict(random_threshold=0), ValueError, "random_threshold (cumulative"),
+        (dict(max_span_len=0), ValueError, "max_span_len must be >= 1"),
     ]
-    for changes, text in cases:
+    for changes, error, text in cases:
         arguments = dict(good, **changes)
-        with pytest.raises(RuntimeError, match=re.escape(text)):
+        with pytest.raises(error, match=re.escape(text)) as caught:
             native.span_masking(*arguments.values())
             pytest.fail(f"no error for {changes}")
+        assert "Exception raised from" not in str(caught.value), changes
+
+
+@pytest.mark.parametrize("value, column", [(VOCAB_SIZE, 3), (-1, 6)])
+def test_native_id_range_error_is_the_maskers_own(native, value, column):
+    """The op raises SpanMasker's ValueError itself, word for word (TORCH_CHECK_VALUE), so the
+    masker passes it on untouched instead of parsing a RuntimeError's text."""
+    ids, mask = make_batch(2, 7, seed=20, min_length=7)
+    ids = ids.index_fill(1, torch.tensor([column]), value)
+    masker = make_masker()
+    with pytest.raises(ValueError) as from_python:  # the check of the fallback path
+        masker._check_id_range(ids)
+    with pytest.raises(ValueError) as from_op:
+        native.span_masking(ids, masker._token_flags, mask, None, torch.arange(2), None, 1, MASK,
+                            3, 20, masker._span_word_thresholds, *masker._replace_thresholds, 15)
+    assert str(from_op.value) == str(from_python.value)
+    with pytest.raises(ValueError) as from_masker:
+        masker(ids, mask)
+    assert str(from_masker.value) == str(from_python.value)
+    assert from_masker.value.__context__ is None  # raised by the op, not rewritten on the way
 
 
 # --------------------------------------------------------------------------- fallback
