@@ -333,7 +333,9 @@ setup(
                  "spanbert_fast.benchmarks": "benchmarks",
                  "spanbert_fast.benchmarks.cases": "benchmarks/cases"},
     # The real-length cases' WordPiece vocabulary (benchmarks/cases/real_text.py).
-    package_data={"spanbert_fast.benchmarks": ["data/*.txt"]},
+    package_data={"spanbert_fast.benchmarks": ["data/*.txt"],
+                  # the attention autotuners' per-arch prune table (kernels/attention.py)
+                  "spanbert_fast.kernels": ["attention_spills.json"]},
     entry_points={"console_scripts": ["spanbert-fast = spanbert_fast.train.cli:main"]},
     install_requires=[
         "torch>=2.6",

@@ -124,9 +124,15 @@ def caught_launches() -> Iterator[List[Launch]]:
         launches.append(Launch(self, args, dict(kwargs)))
 
     def autotune_run(self, *args, grid=None, warmup=False, **kwargs):
-        for i, config in enumerate(self.configs):
+        # The configs the launcher's own prune keeps for these arguments (on CPU tensors
+        # a device-dependent prune has no device: the whole set for the dtype and shapes).
+        configs = self.configs
+        if self.early_config_prune is not None:
+            configs = self.early_config_prune(self.configs, dict(zip(self.arg_names, args)),
+                                              **kwargs)
+        for i, config in enumerate(configs):
             launches.append(Launch(self.fn, args, {**kwargs, **config.all_kwargs()},
-                                   f"autotune {i + 1}/{len(self.configs)}"))
+                                   f"autotune {i + 1}/{len(configs)}"))
 
     saved = JITFunction.run, Autotuner.run
     JITFunction.run, Autotuner.run = jit_run, autotune_run
@@ -473,31 +479,61 @@ def compile_variant(variant: Variant, arch: int) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------
 # The run, its files, the gates and --compare
 # --------------------------------------------------------------------------------------
+# The variants a forked worker compiles (set before the pool forks: workers get them by
+# index, nothing is pickled but the index and the result row).
+_POOL_VARIANTS: List[Variant] = []
+
+
+def _compile_pair(pair: Tuple[int, int]) -> Tuple[int, int, Dict[str, Any]]:
+    index, arch = pair
+    return index, arch, compile_variant(_POOL_VARIANTS[index], arch)
+
+
+def _compiled_pairs(variants: List[Variant], archs: Sequence[int], jobs: int):
+    """``(index, arch, row)`` for every variant and arch, in completion order; ``jobs``
+    forked processes compile side by side (the compiles are independent and CPU-bound)."""
+    global _POOL_VARIANTS
+    pairs = [(i, arch) for i in range(len(variants)) for arch in archs]
+    _POOL_VARIANTS = variants
+    try:
+        if jobs <= 1:
+            yield from map(_compile_pair, pairs)
+            return
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            yield from pool.imap_unordered(_compile_pair, pairs, chunksize=1)
+    finally:
+        _POOL_VARIANTS = []
+
+
 def run_audit(cases: Sequence[Case], archs: Sequence[int],
-              log: Callable[[str], None] = lambda line: None) -> Dict[str, Any]:
-    """Compile every variant of ``cases`` for ``archs``; the audit document."""
+              log: Callable[[str], None] = lambda line: None, jobs: int = 1) -> Dict[str, Any]:
+    """Compile every variant of ``cases`` for ``archs`` (``jobs`` processes); the audit
+    document."""
     _check_not_interpreted()
     start = time.perf_counter()
     variants = collect_variants(cases)
     log(f"{len(cases)} launcher cases -> {len(variants)} distinct variants x "
-        f"{len(archs)} archs")
+        f"{len(archs)} archs, {jobs} compile process{'es' if jobs > 1 else ''}")
     rows = []
-    for i, variant in enumerate(variants):
+    for variant in variants:
         signature, constexprs, _, options = specialise(variant.launch, 90)
         names = variant.launch.fn.arg_names
-        row = dict(id=variant.id, op=variant.op, kernel=variant.kernel,
-                   constexprs={names[k[0]]: _plain(v) for k, v in sorted(constexprs.items())},
-                   pointer_dtypes=sorted({t[1:] for t in signature.values()
-                                          if t.startswith("*")}),
-                   num_warps=options["num_warps"], num_stages=options["num_stages"],
-                   cases=variant.cases, archs={})
-        for arch in archs:
-            row["archs"][f"sm_{arch}"] = compile_variant(variant, arch)
-        rows.append(row)
-        log(f"[{i + 1}/{len(variants)}] {variant.id}: " + ", ".join(
-            f"{a} " + (r["error"] if "error" in r else
-                       f"{r['registers']} regs, {r['spill_store_bytes']} B spilled")
-            for a, r in row["archs"].items()))
+        rows.append(dict(id=variant.id, op=variant.op, kernel=variant.kernel,
+                         constexprs={names[k[0]]: _plain(v)
+                                     for k, v in sorted(constexprs.items())},
+                         pointer_dtypes=sorted({t[1:] for t in signature.values()
+                                                if t.startswith("*")}),
+                         num_warps=options["num_warps"], num_stages=options["num_stages"],
+                         cases=variant.cases, archs={}))
+    total = len(variants) * len(archs)
+    for done, (index, arch, result) in enumerate(_compiled_pairs(variants, archs, jobs), 1):
+        rows[index]["archs"][f"sm_{arch}"] = result
+        log(f"[{done}/{total}] {rows[index]['id']} on sm_{arch}: "
+            + (result["error"] if "error" in result else
+               f"{result['registers']} regs, {result['spill_store_bytes']} B spilled"))
+    for row in rows:  # archs in the order asked for, whatever order the compiles finished
+        row["archs"] = {f"sm_{arch}": row["archs"][f"sm_{arch}"] for arch in archs}
     now = datetime.datetime.now(datetime.timezone.utc)
     return dict(
         schema_version=SCHEMA_VERSION, suite="spanbert_fast.benchmarks.audit",
@@ -516,22 +552,72 @@ def _low_precision(row: Dict[str, Any]) -> bool:
     return any(d in ("fp16", "bf16") for d in row["pointer_dtypes"])
 
 
+def _autotuned(row: Dict[str, Any]) -> bool:
+    """A config of an autotuned kernel (the launcher times several; a device prunes some)."""
+    return any("config" in case for case in row["cases"])
+
+
+def _arch_pruned(row: Dict[str, Any]) -> bool:
+    """A config of an autotuned attention kernel, whose launcher prunes per arch the
+    configs this audit saw spill there (kernels/attention_spills.json); every other
+    kernel's configs must each compile cleanly."""
+    return row["op"] == "attention" and _autotuned(row)
+
+
+def autotune_group(row: Dict[str, Any]) -> Tuple[Any, ...]:
+    """What an autotuned config competes within: kernel, dtype and every constexpr but the
+    tile sizes the autotuner sets."""
+    consts = tuple(sorted((k, v) for k, v in row["constexprs"].items()
+                          if k not in ("BLOCK_M", "BLOCK_N")))
+    return (row["kernel"], tuple(row["pointer_dtypes"]), consts)
+
+
+def _row_dtype(row: Dict[str, Any]) -> str:
+    return row["cases"][0]["dtype"]
+
+
+def spill_table(doc: Dict[str, Any]) -> List[List[Any]]:
+    """The attention autotuners' prune table: one entry ``[kernel, arch, dtype, BLOCK_D,
+    VARLEN, HAS_DROPOUT, BLOCK_M, BLOCK_N, num_warps, num_stages, spill bytes]`` per config
+    that spills (ptxas' spill stores), for the arches this audit compiled."""
+    names = {"_attention_forward_kernel": "forward", "_attention_backward_dkdv_kernel": "dkdv",
+             "_attention_backward_dq_kernel": "dq"}
+    table = []
+    for row in doc["rows"]:
+        if row["kernel"] not in names or not _arch_pruned(row):
+            continue
+        c = row["constexprs"]
+        for arch, r in sorted(row["archs"].items()):
+            if "error" in r or not r["spills"]:
+                continue
+            table.append([names[row["kernel"]], int(arch.removeprefix("sm_")), _row_dtype(row),
+                          c["BLOCK_D"], bool(c["VARLEN"]), bool(c["HAS_DROPOUT"]),
+                          c["BLOCK_M"], c["BLOCK_N"], row["num_warps"], row["num_stages"],
+                          r["spill_store_bytes"]])
+    return sorted(table)
+
+
 def gate_failures(doc: Dict[str, Any]) -> Dict[str, List[str]]:
     """Each gate's failures (empty lists when the audit passes):
 
     * compile: every variant compiles for every arch;
-    * spills: no fp16/bf16 variant spills on sm_80 or sm_90;
+    * spills: no fp16/bf16 variant spills on sm_80 or sm_90; for autotuned attention, some
+      config of each group compiles without spills there (its prune keeps only those);
     * shared: shared memory within the arch's per-block limit;
     * tensor_cores: every dot of an fp16/bf16 variant on a tensor-core instruction.
     """
     failures: Dict[str, List[str]] = dict(compile=[], spills=[], shared=[], tensor_cores=[])
+    clean: Dict[Tuple[Any, str], bool] = {}
     for row in doc["rows"]:
         for arch, r in row["archs"].items():
             where = f"{row['id']} on {arch}"
             if "error" in r:
                 failures["compile"].append(f"{where}: {r['error']}")
                 continue
-            if r["spills"] and _low_precision(row) and arch in ("sm_80", "sm_90"):
+            if _arch_pruned(row):
+                key = (autotune_group(row), arch)
+                clean[key] = clean.get(key, False) or not r["spills"]
+            elif r["spills"] and _low_precision(row) and arch in ("sm_80", "sm_90"):
                 failures["spills"].append(
                     f"{where}: {r['registers']} registers, {r['spill_store_bytes']} B spill "
                     f"stores, {r['stack_bytes']} B stack")
@@ -541,6 +627,11 @@ def gate_failures(doc: Dict[str, Any]) -> Dict[str, List[str]]:
             if _low_precision(row) and r["fma_dots"]:
                 failures["tensor_cores"].append(
                     f"{where}: {r['fma_dots']} of {r['dots']} dots on FMA, not tensor cores")
+    for (group, arch), ok in sorted(clean.items(), key=str):
+        if not ok and arch in ("sm_80", "sm_90") and any(
+                d in ("fp16", "bf16") for d in group[1]):
+            failures["spills"].append(f"{group[0]} {group[1]} {dict(group[2])} on {arch}: "
+                                      "every autotune config spills")
     return failures
 
 
@@ -649,6 +740,8 @@ def build_parser(prog: str = "python -m benchmarks.audit") -> argparse.ArgumentP
     parser.add_argument("--arch", type=_parse_archs, default=None,
                         help="comma list of sm_80, sm_90, sm_100 (default: all that the "
                              "installed triton compiles for)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compile processes side by side (default: one per CPU)")
     parser.add_argument("--subset", action="store_true",
                         help="only the representative subset the CI gates compile")
     parser.add_argument("--out", default=DEFAULT_OUT,
@@ -665,6 +758,10 @@ def build_parser(prog: str = "python -m benchmarks.audit") -> argparse.ArgumentP
     parser.add_argument("--gates", action="store_true",
                         help="also exit 1 when a gate fails (compile, spills, shared, "
                              "tensor_cores)")
+    parser.add_argument("--write-spill-table", metavar="PATH", default=None,
+                        help="write the attention autotuners' prune table (the configs "
+                             "that spill, per arch) from this audit to PATH, e.g. "
+                             "kernels/attention_spills.json")
     parser.add_argument("--input", metavar="AUDIT.json", default=None,
                         help="check the gates / --compare on this audit instead of compiling")
     return parser
@@ -691,7 +788,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks
     if args.compare is not None:
         baseline = _read_audit_file(parser, "--compare", args.compare)
     if args.input is not None:
-        return _report(_read_audit_file(parser, "--input", args.input), baseline, args)
+        doc = _read_audit_file(parser, "--input", args.input)
+        _write_spill_table(doc, args.write_spill_table)
+        return _report(doc, baseline, args)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error(INTERPRETER_REFUSED)
     targets = [args.json] if args.json is not None else list(_output_paths(args.out))
@@ -706,7 +805,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks
         parser.error(f"triton {triton.__version__} cannot compile for "
                      f"{', '.join(f'sm_{a}' for a in unsupported)}")
     cases = [c for c in all_cases() if c.representative or not args.subset]
-    doc = run_audit(cases, archs, log=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    doc = run_audit(cases, archs, log=lambda line: print(line, file=sys.stderr, flush=True),
+                    jobs=args.jobs)
     if args.json is not None:
         from spanbert_fast.io import atomic_write
         atomic_write(args.json, _text_writer(json.dumps(doc, indent=1) + "\n"))
@@ -714,7 +816,26 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks
     else:
         for path in write_outputs(doc, args.out):
             print(f"wrote {path}")
+    _write_spill_table(doc, args.write_spill_table)
     return _report(doc, baseline, args)
+
+
+def spill_table_document(doc: Dict[str, Any]) -> Dict[str, Any]:
+    """The prune table file's content for ``doc``."""
+    return dict(triton=doc["versions"]["triton"], audit_date=doc["date"],
+                archs=sorted(int(a.removeprefix("sm_")) for a in doc["archs"]),
+                fields=["kernel", "arch", "dtype", "BLOCK_D", "VARLEN", "HAS_DROPOUT",
+                        "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "spill_bytes"],
+                spills=spill_table(doc))
+
+
+def _write_spill_table(doc: Dict[str, Any], path: Optional[str]) -> None:
+    if path is None:
+        return
+    from spanbert_fast.io import atomic_write
+    text = json.dumps(spill_table_document(doc), indent=None, separators=(",", ":"))
+    atomic_write(path, _text_writer(text.replace("],[", "],\n[") + "\n"))
+    print(f"wrote {path}")
 
 
 def _report(doc: Dict[str, Any], baseline: Optional[Dict[str, Any]], args) -> int:

@@ -29,9 +29,10 @@ so fp32 results match the reference to ~1e-6.
 
 from __future__ import annotations
 
-import math
+import functools
+import json
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -48,27 +49,150 @@ _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _block_sizes(head_dim_block: int, is_backward: bool) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages).
+# Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) each kernel's autotuner
+# chooses from on a GPU, per dtype class (fp16/bf16, fp32). On a device whose arch the
+# committed compile audit covers (sm_80, sm_90, sm_100), configs that spill registers there
+# are pruned before timing (SPILLS below; where every config spills, the least spilling
+# stay), so the first call times only configs that compile cleanly for that GPU. Not yet
+# timed on a GPU: the sets hold the usual FlashAttention-2 starting points and the tiles the
+# audit found spill-free where those spill (dK/dV at head_dim 128 spills 4-12 B on sm_90 at
+# 64x64 on 8 warps, not at 32x64 or 64x32 on 4; dQ at 128 spills 4 B on sm_100 at 64x64).
+# fp32 runs its IEEE dots on FMA units with large per-thread operand tiles: smaller tiles
+# (at 128x64, forward and backward spilled 1-27 KB per thread).
+CONFIGS = {
+    "forward": {False: ((128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3)),
+                True: ((32, 32, 8, 1), (64, 32, 8, 2), (32, 32, 4, 2))},
+    "dkdv": {False: ((64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)),
+             True: ((32, 32, 8, 2), (32, 16, 4, 2), (16, 16, 4, 1))},
+    "dq": {False: ((64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2)),
+           True: ((16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 8, 2))},
+}
+# The interpreter cannot autotune: one fixed config. Measured there on a (6, 2, 130, 64)
+# batch: 16x16 tiles took 2.2 s forward / 4.2 s backward and 32x32 0.7 s / 1.5 s, while
+# sequences of 64..130 still span several tiles with partial last tiles.
+_INTERPRETER_CONFIG = (32, 32, 1, 1)
+_DELTA_BLOCK_M = 32 if _INTERPRET else 64
+# The committed spill table (kernels/attention_spills.json, written by
+# ``python -m benchmarks.audit --write-spill-table``): spill bytes per
+# (kernel, arch, dtype, BLOCK_D, VARLEN, HAS_DROPOUT, BLOCK_M, BLOCK_N, warps, stages).
+_SPILLS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_spills.json")
 
-    Not yet tuned on a GPU (no device measured so far): these follow the usual
-    FlashAttention-2 starting points for Hopper (128x64 tiles for head_dim <= 64 in the
-    forward, 64x64 in the backward, whose five tiles per step need more registers).
-    The forward's 128x64 tile runs on 8 warps: on 4 the compile audit (``python -m
-    benchmarks.audit``, triton 3.7.1) measured 255 registers and spills in bf16/fp16 on
-    sm_80 (8-24 bytes), sm_90 (24 bytes at head_dim 32 with dropout) and sm_100 (~730
-    bytes with dropout); on 8 warps it needs at most 226 registers and spills nowhere.
-    The interpreter gets 32x32 tiles: measured there on a (6, 2, 130, 64) batch, 16x16
-    tiles took 2.2 s forward / 4.2 s backward and 32x32 0.7 s / 1.5 s, while sequences of
-    64..130 still span several tiles with partial last tiles.
-    """
+
+def _load_spills() -> Dict[tuple, int]:
+    try:
+        with open(_SPILLS_FILE, encoding="utf-8") as handle:
+            entries = json.load(handle)["spills"]
+    except (OSError, ValueError, KeyError):
+        return {}  # no table: nothing is pruned by arch
+    return {tuple(entry[:-1]): int(entry[-1]) for entry in entries}
+
+
+SPILLS = _load_spills()
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _config_tuple(config) -> Tuple[int, int, int, int]:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+            config.num_stages)
+
+
+def _device_arch(tensor: torch.Tensor) -> Optional[int]:
+    if tensor.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(tensor.device)
+    return major * 10 + minor
+
+
+def prune_configs(kernel: str, configs, named_args, **kwargs):
+    """The autotuner's ``early_config_prune``: the dtype class's set, then (on an arch the
+    spill table covers) :func:`least_spilling` for that arch."""
+    fp32 = bool(kwargs["IEEE_FP32"])
+    wanted = CONFIGS[kernel][fp32]
+    configs = [c for c in configs if _config_tuple(c) in wanted]
+    q = named_args["Q"]
+    return least_spilling(kernel, _device_arch(q), _DTYPE_NAMES.get(q.dtype, ""),
+                          (kwargs["BLOCK_D"], bool(kwargs["VARLEN"]),
+                           bool(kwargs["HAS_DROPOUT"])), configs)
+
+
+def least_spilling(kernel: str, arch: Optional[int], dtype: str, flags: tuple, configs,
+                   spills: Optional[Dict[tuple, int]] = None) -> list:
+    """The ``configs`` that spill least on ``arch`` by the spill table (all of them when
+    none spills, or when the table does not cover ``arch``). ``flags``: (BLOCK_D, VARLEN,
+    HAS_DROPOUT)."""
+    table = SPILLS if spills is None else spills
+    if arch is None or not any(key[1] == arch for key in table):
+        return list(configs)
+    bytes_of = {id(c): table.get((kernel, arch, dtype, *flags, *_config_tuple(c)), 0)
+                for c in configs}
+    least = min(bytes_of.values())
+    return [c for c in configs if bytes_of[id(c)] == least]
+
+
+def _tuned(kernel_name: str, fn):
+    """``fn`` autotuned over every config of CONFIGS[kernel_name], keyed on the head-dim
+    block, layout, dropout, dtype (the autotuner adds the tensors' dtypes) and a
+    power-of-two sequence-length bucket; None in the interpreter (one fixed config)."""
     if _INTERPRET:
-        return 32, 32, 1, 1
-    if is_backward:
-        return 64, 64, 4 if head_dim_block <= 64 else 8, 2
-    if head_dim_block <= 64:
-        return 128, 64, 8, 3
-    return 128, 32, 8, 2
+        return None
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for fp32 in (False, True) for (m, n, w, s) in CONFIGS[kernel_name][fp32]]
+    return triton.autotune(
+        configs=configs, key=["BLOCK_D", "VARLEN", "HAS_DROPOUT", "seq_bucket"],
+        prune_configs_by={"early_config_prune": functools.partial(prune_configs,
+                                                                  kernel_name)})(fn)
+
+
+def _seq_bucket(max_seqlen: int) -> int:
+    """The autotune key's sequence length: the next power of two, 64 to 4096."""
+    return min(max(64, triton.next_power_of_2(max(int(max_seqlen), 1))), 4096)
+
+
+def _launch(tuned, fn, grid, args, kwargs):
+    """Launch the autotuned kernel (GPU) or ``fn`` with the interpreter's fixed config."""
+    if tuned is not None:
+        return tuned[grid](*args, **kwargs)
+    block_m, block_n, num_warps, num_stages = _INTERPRETER_CONFIG
+    meta = dict(kwargs, BLOCK_M=block_m, BLOCK_N=block_n)
+    return fn[grid(meta)](*args, **meta, num_warps=num_warps, num_stages=num_stages)
+
+
+@triton.jit
+def _dot(a, b, IEEE_FP32: tl.constexpr):
+    """``a @ b`` accumulated in fp32: IEEE fp32 products for fp32 inputs (not TF32, so fp32
+    matches the reference to ~1e-6), tensor cores in ``b``'s dtype otherwise (an fp32
+    probability tile is rounded to it first)."""
+    if IEEE_FP32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(b.dtype), b)
+
+
+@triton.jit
+def _head_base(PTR, batch, head, start, stride_batch, stride_head, stride_token):
+    """Where one sequence of one head starts in a padded or packed tensor."""
+    return PTR + batch * stride_batch + head * stride_head + start * stride_token
+
+
+@triton.jit
+def _load_rows(base, rows, row_ok, stride_token, offs_d, d_ok):
+    """A (rows, BLOCK_D) tile; zeros outside the sequence and past head_dim."""
+    return tl.load(base + rows[:, None] * stride_token + offs_d[None, :],
+                   mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, rows, row_ok, stride_token, offs_d, d_ok, tile):
+    tl.store(base + rows[:, None] * stride_token + offs_d[None, :],
+             tile.to(base.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _probabilities(q, k, lse, valid, scale_log2, IEEE_FP32: tl.constexpr):
+    """The forward's softmax probabilities of a (query block, key block), rebuilt in the
+    backward from the saved base-2 log-sum-exp; 0 outside the valid pairs."""
+    s = _dot(q, tl.trans(k), IEEE_FP32)
+    return tl.where(valid, tl.math.exp2(s * scale_log2 - lse[:, None]), 0.0)
 
 
 @triton.jit
@@ -106,10 +230,10 @@ def _sequence_bounds(CU_SEQLENS, KEY_LENGTHS, batch, max_seqlen, VARLEN: tl.cons
     return start, q_len, k_len
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_bucket"])
 def _attention_forward_kernel(
     Q, K, V, OUT, LSE, CU_SEQLENS, KEY_LENGTHS,
-    num_heads, max_seqlen, head_dim, scale_log2, dropout_p, seed,
+    num_heads, max_seqlen, seq_bucket, head_dim, scale_log2, dropout_p, seed,
     stride_q_batch, stride_q_head, stride_q_token,
     stride_k_batch, stride_k_head, stride_k_token,
     stride_v_batch, stride_v_head, stride_v_token,
@@ -131,11 +255,11 @@ def _attention_forward_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    q_base = Q + batch * stride_q_batch + head * stride_q_head + start * stride_q_token
-    k_base = K + batch * stride_k_batch + head * stride_k_head + start * stride_k_token
-    v_base = V + batch * stride_v_batch + head * stride_v_head + start * stride_v_token
-    q = tl.load(q_base + offs_m[:, None] * stride_q_token + offs_d[None, :],
-                mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0)
+    row_ok = offs_m < q_len
+    k_base = _head_base(K, batch, head, start, stride_k_batch, stride_k_head, stride_k_token)
+    v_base = _head_base(V, batch, head, start, stride_v_batch, stride_v_head, stride_v_token)
+    q = _load_rows(_head_base(Q, batch, head, start, stride_q_batch, stride_q_head,
+                              stride_q_token), offs_m, row_ok, stride_q_token, offs_d, d_ok)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -143,12 +267,8 @@ def _attention_forward_kernel(
     for start_n in range(0, k_len, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < k_len
-        k = tl.load(k_base + cols[:, None] * stride_k_token + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE_FP32:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        k = _load_rows(k_base, cols, col_ok, stride_k_token, offs_d, d_ok)
+        s = _dot(q, tl.trans(k), IEEE_FP32)
         s = tl.where(col_ok[None, :], s * scale_log2, float("-inf"))
         # Every block holds at least one valid key (the loop stops at k_len), so m_new is
         # finite and alpha never computes -inf - -inf.
@@ -159,20 +279,14 @@ def _attention_forward_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, batch_head, offs_m, cols, max_seqlen, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + cols[:, None] * stride_v_token + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        v = _load_rows(v_base, cols, col_ok, stride_v_token, offs_d, d_ok)
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE_FP32)
         m_i = m_new
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    row_ok = offs_m < q_len
-    o_base = OUT + batch * stride_o_batch + head * stride_o_head + start * stride_o_token
-    tl.store(o_base + offs_m[:, None] * stride_o_token + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _store_rows(_head_base(OUT, batch, head, start, stride_o_batch, stride_o_head,
+                           stride_o_token), offs_m, row_ok, stride_o_token, offs_d, d_ok, out)
     lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), 0.0)
     tl.store(LSE + batch_head * stride_lse_bh + offs_m, lse, mask=row_ok)
 
@@ -202,10 +316,10 @@ def _attention_backward_delta_kernel(
     tl.store(DELTA + batch_head * stride_delta_bh + offs_m, delta, mask=offs_m < q_len)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_bucket"])
 def _attention_backward_dkdv_kernel(
     Q, K, V, DOUT, DK, DV, LSE, DELTA, CU_SEQLENS, KEY_LENGTHS,
-    num_heads, max_seqlen, head_dim, softmax_scale, scale_log2, dropout_p, seed,
+    num_heads, max_seqlen, seq_bucket, head_dim, softmax_scale, scale_log2, dropout_p, seed,
     stride_q_batch, stride_q_head, stride_q_token,
     stride_k_batch, stride_k_head, stride_k_token,
     stride_v_batch, stride_v_head, stride_v_token,
@@ -233,36 +347,26 @@ def _attention_backward_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     col_ok = offs_n < k_len
-    k = tl.load(K + batch * stride_k_batch + head * stride_k_head + start * stride_k_token
-                + offs_n[:, None] * stride_k_token + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + batch * stride_v_batch + head * stride_v_head + start * stride_v_token
-                + offs_n[:, None] * stride_v_token + offs_d[None, :],
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    k = _load_rows(_head_base(K, batch, head, start, stride_k_batch, stride_k_head,
+                              stride_k_token), offs_n, col_ok, stride_k_token, offs_d, d_ok)
+    v = _load_rows(_head_base(V, batch, head, start, stride_v_batch, stride_v_head,
+                              stride_v_token), offs_n, col_ok, stride_v_token, offs_d, d_ok)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    q_base = Q + batch * stride_q_batch + head * stride_q_head + start * stride_q_token
-    do_base = DOUT + batch * stride_do_batch + head * stride_do_head + start * stride_do_token
+    q_base = _head_base(Q, batch, head, start, stride_q_batch, stride_q_head, stride_q_token)
+    do_base = _head_base(DOUT, batch, head, start, stride_do_batch, stride_do_head,
+                         stride_do_token)
     n_query_blocks = tl.where(block_n * BLOCK_N < k_len, q_len, 0)
     for start_m in range(0, n_query_blocks, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < q_len
-        q = tl.load(q_base + rows[:, None] * stride_q_token + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_do_token + offs_d[None, :],
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = _load_rows(q_base, rows, row_ok, stride_q_token, offs_d, d_ok)
+        do = _load_rows(do_base, rows, row_ok, stride_do_token, offs_d, d_ok)
         lse = tl.load(LSE + batch_head * stride_lse_bh + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + batch_head * stride_lse_bh + rows, mask=row_ok, other=0.0)
-        if IEEE_FP32:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        valid = row_ok[:, None] & col_ok[None, :]
-        p = tl.where(valid, tl.math.exp2(s * scale_log2 - lse[:, None]), 0.0)
-        if IEEE_FP32:
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dp = tl.dot(do, tl.trans(v))
+        p = _probabilities(q, k, lse, row_ok[:, None] & col_ok[None, :], scale_log2,
+                           IEEE_FP32)
+        dp = _dot(do, tl.trans(v), IEEE_FP32)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, batch_head, rows, offs_n, max_seqlen, dropout_p)
             p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
@@ -270,25 +374,20 @@ def _attention_backward_dkdv_kernel(
         else:
             p_used = p
         ds = p * (dp - delta[:, None])
-        if IEEE_FP32:
-            dv += tl.dot(tl.trans(p_used), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(p_used.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    store_ok = (offs_n[:, None] < rows_in_memory) & d_ok[None, :]
-    tl.store(DK + batch * stride_dk_batch + head * stride_dk_head + start * stride_dk_token
-             + offs_n[:, None] * stride_dk_token + offs_d[None, :],
-             (dk * softmax_scale).to(DK.dtype.element_ty), mask=store_ok)
-    tl.store(DV + batch * stride_dv_batch + head * stride_dv_head + start * stride_dv_token
-             + offs_n[:, None] * stride_dv_token + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=store_ok)
+        dv += _dot(tl.trans(p_used), do, IEEE_FP32)
+        dk += _dot(tl.trans(ds), q, IEEE_FP32)
+    store_ok = offs_n < rows_in_memory
+    _store_rows(_head_base(DK, batch, head, start, stride_dk_batch, stride_dk_head,
+                           stride_dk_token), offs_n, store_ok, stride_dk_token, offs_d, d_ok,
+                dk * softmax_scale)
+    _store_rows(_head_base(DV, batch, head, start, stride_dv_batch, stride_dv_head,
+                           stride_dv_token), offs_n, store_ok, stride_dv_token, offs_d, d_ok, dv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_bucket"])
 def _attention_backward_dq_kernel(
     Q, K, V, DOUT, DQ, LSE, DELTA, CU_SEQLENS, KEY_LENGTHS,
-    num_heads, max_seqlen, head_dim, softmax_scale, scale_log2, dropout_p, seed,
+    num_heads, max_seqlen, seq_bucket, head_dim, softmax_scale, scale_log2, dropout_p, seed,
     stride_q_batch, stride_q_head, stride_q_token,
     stride_k_batch, stride_k_head, stride_k_token,
     stride_v_batch, stride_v_head, stride_v_token,
@@ -312,48 +411,41 @@ def _attention_backward_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     row_ok = offs_m < q_len
-    q = tl.load(Q + batch * stride_q_batch + head * stride_q_head + start * stride_q_token
-                + offs_m[:, None] * stride_q_token + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DOUT + batch * stride_do_batch + head * stride_do_head + start * stride_do_token
-                 + offs_m[:, None] * stride_do_token + offs_d[None, :],
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(_head_base(Q, batch, head, start, stride_q_batch, stride_q_head,
+                              stride_q_token), offs_m, row_ok, stride_q_token, offs_d, d_ok)
+    do = _load_rows(_head_base(DOUT, batch, head, start, stride_do_batch, stride_do_head,
+                               stride_do_token), offs_m, row_ok, stride_do_token, offs_d, d_ok)
     lse = tl.load(LSE + batch_head * stride_lse_bh + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + batch_head * stride_lse_bh + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    k_base = K + batch * stride_k_batch + head * stride_k_head + start * stride_k_token
-    v_base = V + batch * stride_v_batch + head * stride_v_head + start * stride_v_token
+    k_base = _head_base(K, batch, head, start, stride_k_batch, stride_k_head, stride_k_token)
+    v_base = _head_base(V, batch, head, start, stride_v_batch, stride_v_head, stride_v_token)
     for start_n in range(0, k_len, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < k_len
-        k = tl.load(k_base + cols[:, None] * stride_k_token + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_v_token + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE_FP32:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, tl.trans(v))
-        p = tl.where(row_ok[:, None] & col_ok[None, :],
-                     tl.math.exp2(s * scale_log2 - lse[:, None]), 0.0)
+        k = _load_rows(k_base, cols, col_ok, stride_k_token, offs_d, d_ok)
+        v = _load_rows(v_base, cols, col_ok, stride_v_token, offs_d, d_ok)
+        p = _probabilities(q, k, lse, row_ok[:, None] & col_ok[None, :], scale_log2,
+                           IEEE_FP32)
+        dp = _dot(do, tl.trans(v), IEEE_FP32)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, batch_head, offs_m, cols, max_seqlen, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        if IEEE_FP32:
-            dq += tl.dot(ds, k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + batch * stride_dq_batch + head * stride_dq_head + start * stride_dq_token
-             + offs_m[:, None] * stride_dq_token + offs_d[None, :],
-             (dq * softmax_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        dq += _dot(ds, k, IEEE_FP32)
+    _store_rows(_head_base(DQ, batch, head, start, stride_dq_batch, stride_dq_head,
+                           stride_dq_token), offs_m, row_ok, stride_dq_token, offs_d, d_ok,
+                dq * softmax_scale)
 
 
 # ---------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------
+_FORWARD = _tuned("forward", _attention_forward_kernel)
+_DKDV = _tuned("dkdv", _attention_backward_dkdv_kernel)
+_DQ = _tuned("dq", _attention_backward_dq_kernel)
+
+
 def _strides(x: torch.Tensor, varlen: bool) -> Tuple[int, int, int]:
     """(batch, head, token) strides; packed tensors have no batch stride."""
     if varlen:
@@ -450,22 +542,21 @@ def attention_forward(
     # and a returned tensor must not carry uninitialised memory (it is batch*heads*seq floats).
     lse = torch.zeros((batch, heads, seqlen), device=q.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, num_warps, num_stages = _block_sizes(block_d, is_backward=False)
-    grid = (triton.cdiv(max(seqlen, 1), block_m), batch * heads)
     if batch * heads == 0 or seqlen == 0:
         return (out if target is None else target), lse
     dummy = lse  # stands in for absent pointer arguments; never read (constexpr-guarded)
-    _attention_forward_kernel[grid](
-        q, k, v, out, lse,
-        cu_seqlens if varlen else dummy, key_lengths if key_lengths is not None else dummy,
-        heads, seqlen, head_dim, softmax_scale * _LOG2E, float(dropout_p), int(seed),
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
-        lse.stride(1),
-        VARLEN=varlen, HAS_KEY_LENGTHS=key_lengths is not None, HAS_DROPOUT=dropout_p > 0.0,
-        IEEE_FP32=q.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    _launch(
+        _FORWARD, _attention_forward_kernel,
+        lambda meta: (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * heads),
+        (q, k, v, out, lse,
+         cu_seqlens if varlen else dummy, key_lengths if key_lengths is not None else dummy,
+         heads, seqlen, _seq_bucket(seqlen), head_dim, softmax_scale * _LOG2E,
+         float(dropout_p), int(seed),
+         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+         *_strides(out, varlen), lse.stride(1)),
+        dict(VARLEN=varlen, HAS_KEY_LENGTHS=key_lengths is not None,
+             HAS_DROPOUT=dropout_p > 0.0, IEEE_FP32=q.dtype == torch.float32,
+             BLOCK_D=block_d))
     if target is not None:
         out = target.copy_(out)
     return out, lse
@@ -505,30 +596,30 @@ def attention_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, num_warps, num_stages = _block_sizes(block_d, is_backward=True)
     dummy = lse
     cu = cu_seqlens if varlen else dummy
     lengths = key_lengths if key_lengths is not None else dummy
-    common = dict(VARLEN=varlen, HAS_KEY_LENGTHS=key_lengths is not None,
-                  HAS_DROPOUT=dropout_p > 0.0, IEEE_FP32=q.dtype == torch.float32,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                  num_warps=num_warps, num_stages=num_stages)
-    _attention_backward_delta_kernel[(triton.cdiv(seqlen, block_m), batch * heads)](
+    _attention_backward_delta_kernel[(triton.cdiv(seqlen, _DELTA_BLOCK_M), batch * heads)](
         out, dout, delta, cu, heads, seqlen, head_dim,
         *_strides(out, varlen), *_strides(dout, varlen), delta.stride(1),
-        VARLEN=varlen, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
-    scalars = (heads, seqlen, head_dim, softmax_scale, softmax_scale * _LOG2E,
-               float(dropout_p), int(seed))
-    _attention_backward_dkdv_kernel[(triton.cdiv(seqlen, block_n), batch * heads)](
-        q, k, v, dout, dk, dv, lse, delta, cu, lengths, *scalars,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-        *_strides(dout, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
-        lse.stride(1), **common)
-    _attention_backward_dq_kernel[(triton.cdiv(seqlen, block_m), batch * heads)](
-        q, k, v, dout, dq, lse, delta, cu, lengths, *scalars,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-        *_strides(dout, varlen), *_strides(dq, varlen),
-        lse.stride(1), **common)
+        VARLEN=varlen, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d,
+        num_warps=1 if _INTERPRET else 4)
+    flags = dict(VARLEN=varlen, HAS_KEY_LENGTHS=key_lengths is not None,
+                 HAS_DROPOUT=dropout_p > 0.0, IEEE_FP32=q.dtype == torch.float32,
+                 BLOCK_D=block_d)
+    scalars = (heads, seqlen, _seq_bucket(seqlen), head_dim, softmax_scale,
+               softmax_scale * _LOG2E, float(dropout_p), int(seed))
+    _launch(_DKDV, _attention_backward_dkdv_kernel,
+            lambda meta: (triton.cdiv(seqlen, meta["BLOCK_N"]), batch * heads),
+            (q, k, v, dout, dk, dv, lse, delta, cu, lengths, *scalars,
+             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+             *_strides(dout, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
+             lse.stride(1)), flags)
+    _launch(_DQ, _attention_backward_dq_kernel,
+            lambda meta: (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * heads),
+            (q, k, v, dout, dq, lse, delta, cu, lengths, *scalars,
+             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+             *_strides(dout, varlen), *_strides(dq, varlen), lse.stride(1)), flags)
     return dq, dk, dv
 
 
