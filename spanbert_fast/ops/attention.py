@@ -114,7 +114,6 @@ _flash_attention_forward.register_autograd(_flash_attention_autograd,
                                            setup_context=_flash_attention_setup_context)
 
 
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

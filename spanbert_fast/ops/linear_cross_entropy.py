@@ -33,7 +33,6 @@ register_op(
 )
 
 
-
 @torch.library.custom_op("spanbert_fast::fused_linear_cross_entropy", mutates_args=())
 def _fused_linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -80,7 +79,6 @@ def _fused_ce_autograd(ctx, grad_loss, _gh, _gw, _gb):
 
 _fused_linear_cross_entropy.register_autograd(_fused_ce_autograd,
                                               setup_context=_fused_ce_setup_context)
-
 
 
 def linear_cross_entropy(
