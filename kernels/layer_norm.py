@@ -27,7 +27,7 @@ they keep only cheap layout asserts, the arguments were checked at the public op
 * :func:`layer_norm_backward` ``(grad_output, x, weight, bias, residual, mean, rstd,
   needs_input_grad) -> [dx, dweight, dbias, dresidual]``
 * :func:`forward` / :func:`backward`: the same with full argument checks, for callers that
-  hold no statistics (tests, the compile audit); ``backward`` runs the forward kernel for
+  hold no statistics (the kernel tests); ``backward`` runs the forward kernel for
   them first.
 """
 
@@ -343,7 +343,7 @@ def backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
              bias: torch.Tensor, eps: float, residual: Optional[torch.Tensor],
              needs_input_grad: Sequence[bool]) -> List[torch.Tensor]:
     """Gradients ``[dx, dweight, dbias, dresidual]`` of :func:`forward` for a caller that
-    kept no statistics (tests, the compile audit): checks the arguments, runs the forward
+    kept no statistics (the kernel tests): checks the arguments, runs the forward
     kernel for ``mean``/``rstd``, then :func:`layer_norm_backward`. The custom op's
     autograd never comes here: it saved the forward's statistics.
 

@@ -60,9 +60,10 @@ ops; they keep only cheap layout asserts, the arguments were checked at the publ
   -> (out (N, H), *saved)``
 * :func:`span_boundary_head_backward` ``(grad_output, <the 13 tensor args>, *saved,
   needs_input_grad) -> 13 tensors``
-* :func:`forward` / :func:`backward` ``(grad_output, <same args>, eps, needs_input_grad)``:
-  the same with full argument checks, for callers that hold nothing from the forward
-  (tests, the compile audit); ``backward`` runs the forward for them first.
+* :func:`forward` ``(<the 13 tensor args>, eps) -> (N, H)`` / :func:`backward`
+  ``(grad_output, <the 13 tensor args>, eps, needs_input_grad) -> 13 tensors``: the same
+  with full argument checks, for callers that hold nothing from the forward (tests);
+  ``backward`` runs the forward for them first.
 * :func:`bias_gelu_layer_norm_forward` / :func:`bias_gelu_layer_norm_backward`: the
   epilogue alone (the backward computes its statistics with the forward kernel first).
 """
@@ -659,8 +660,8 @@ def backward(grad_output: torch.Tensor, hidden: torch.Tensor, left_index: torch.
              ln1_bias: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
              ln2_weight: torch.Tensor, ln2_bias: torch.Tensor, eps: float,
              needs_input_grad: Sequence[bool]) -> List[torch.Tensor]:
-    """Gradients of :func:`forward` for a caller that kept nothing from the forward (tests,
-    the compile audit): checks the arguments, runs :func:`span_boundary_head_forward` for
+    """Gradients of :func:`forward` for a caller that kept nothing from the forward (the
+    kernel tests): checks the arguments, runs :func:`span_boundary_head_forward` for
     the saved tensors, then :func:`span_boundary_head_backward`. The custom op's autograd
     never comes here: it saved the forward's tensors.
 

@@ -9,8 +9,9 @@ add of two rows the backward loads anyway), rather than saving the sum: that wou
 ``rows x hidden`` write in the forward and hold the tensor until the backward.
 
 The torch path is :func:`.reference.layer_norm` under plain autograd.
-``torch.ops.spanbert_fast.layer_norm(x, weight, bias, eps, residual, backend)`` is this
-public function as a composite op (see :func:`.registration.register_composite`).
+``torch.ops.spanbert_fast.layer_norm(x, weight, bias, eps, residual, backend)`` is a
+composite op: the reference for ``"torch"``, this public function otherwise (see
+:func:`.registration.register_composite`).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ the position projection, the first layer's output, both LayerNorms' per-row mean
 rstd); autograd saves them and ``spanbert_fast::span_boundary_head_backward`` reads them, so
 the backward runs only the gradients' GEMMs, none of the forward's, and no statistics
 reduction. The torch path is :func:`.reference.span_boundary_head` under plain autograd;
-``torch.ops.spanbert_fast.span_boundary_head(..., backend)`` is this public function as a
-composite op (see :func:`.registration.register_composite`).
+``torch.ops.spanbert_fast.span_boundary_head(..., backend)`` is a composite op: the
+reference for ``"torch"``, this public function otherwise (see
+:func:`.registration.register_composite`).
 """
 
 from __future__ import annotations
