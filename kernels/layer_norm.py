@@ -6,10 +6,12 @@ in fp32 whatever the input dtype (fp64 for fp64 inputs), as
 entirely in registers (``BLOCK_N = next_power_of_2(hidden)``), so a row is read once and
 written once: SpanBERT's hidden sizes are 768 (base) and 1024 (large), 200 in the SBO head.
 
-The backward does not receive the forward's mean/rstd (the generic custom op in
-``spanbert_fast.ops`` saves only the inputs), so it recomputes them from ``x + residual``:
-one extra reduction per row, no extra memory traffic beyond re-reading ``x``/``residual``,
-which the backward needs anyway for ``x_hat``.
+The forward kernel also writes each row's mean and rstd (``1 / sqrt(var + eps)``) in the
+accumulator dtype: 8 bytes per row (16 for fp64), next to the row's ``2 x hidden`` bytes of
+fp16 output. The backward kernel reads them and runs no statistics reduction. It rebuilds
+``x_hat = (x + residual - mean) * rstd`` from the inputs: the residual sum is one
+elementwise add of two rows the backward loads anyway, cheaper than writing the sum in the
+forward and holding another ``rows x hidden`` tensor until the backward.
 
 ``dweight``/``dbias`` are column sums over all rows. Each backward program walks a
 contiguous run of rows, accumulates its share in fp32 registers and writes one row of a
@@ -18,25 +20,30 @@ reduction. No atomics: the result is deterministic run to run, and the partial b
 small (``2 x SMs x hidden`` floats, ~1 MB for 132 SMs at 1024) next to the ``rows x
 hidden`` gradient itself.
 
-Entry points (the op registry in ``spanbert_fast.ops`` imports them):
+Entry points (``spanbert_fast.ops.layer_norm`` calls the first two from its custom ops;
+they keep only cheap layout asserts, the arguments were checked at the public op):
 
-* :func:`forward` ``(x, weight, bias, eps, residual) -> y``
-* :func:`backward` ``(grad_output, x, weight, bias, eps, residual, needs_input_grad)
-  -> [dx, dweight, dbias, dresidual]``
+* :func:`layer_norm_forward` ``(x, weight, bias, eps, residual) -> (y, mean, rstd)``
+* :func:`layer_norm_backward` ``(grad_output, x, weight, bias, residual, mean, rstd,
+  needs_input_grad) -> [dx, dweight, dbias, dresidual]``
+* :func:`forward` / :func:`backward`: the same with full argument checks, for callers that
+  hold no statistics (the kernel tests); ``backward`` runs the forward kernel for
+  them first.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_float_tensor, check_grad_output, empty_buffer, needs_flags,
-                      tl_accumulator_dtype)
+from ._common import (accumulator_dtype, check_float_tensor, check_grad_output, empty_buffer,
+                      needs_flags, tl_accumulator_dtype)
 
-__all__ = ["forward", "backward", "MAX_FUSED_BYTES", "not_supported_reasons"]
+__all__ = ["layer_norm_forward", "layer_norm_backward", "forward", "backward",
+           "MAX_FUSED_BYTES", "not_supported_reasons"]
 
 
 # A row lives in registers in the accumulator dtype; past 64 KB per row (16384 elements,
@@ -80,7 +87,7 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
 
 @triton.jit
 def _layer_norm_forward_kernel(
-    X, RESIDUAL, WEIGHT, BIAS, Y,
+    X, RESIDUAL, WEIGHT, BIAS, Y, MEAN, RSTD,
     n_cols, eps,
     stride_x_row, stride_residual_row, stride_y_row,
     BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -91,6 +98,8 @@ def _layer_norm_forward_kernel(
     RESIDUAL: (rows, n_cols) any float dtype, read only if HAS_RESIDUAL.
     WEIGHT, BIAS: (n_cols,) any float dtype, contiguous.
     Y: (rows, n_cols) X's dtype. Statistics in ACC_DTYPE (fp32, or fp64 for fp64 inputs).
+    MEAN, RSTD: (rows,) ACC_DTYPE, contiguous: this row's mean and 1 / sqrt(var + eps), saved
+    for the backward.
     """
     row = tl.program_id(0).to(tl.int64)  # int64: rows * stride may pass 2**31
     cols = tl.arange(0, BLOCK_N)
@@ -106,6 +115,8 @@ def _layer_norm_forward_kernel(
     centered = tl.where(mask, h - mean, 0.0)
     var = tl.sum(centered * centered, axis=0) / n_cols
     rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
     w = tl.load(WEIGHT + cols, mask=mask, other=0.0).to(ACC_DTYPE)
     b = tl.load(BIAS + cols, mask=mask, other=0.0).to(ACC_DTYPE)
     y = centered * rstd * w + b
@@ -114,8 +125,8 @@ def _layer_norm_forward_kernel(
 
 @triton.jit
 def _layer_norm_backward_kernel(
-    DY, X, RESIDUAL, WEIGHT, DX, DRESIDUAL, DWEIGHT_PARTIAL, DBIAS_PARTIAL,
-    n_rows, n_cols, rows_per_program, eps,
+    DY, X, RESIDUAL, WEIGHT, MEAN, RSTD, DX, DRESIDUAL, DWEIGHT_PARTIAL, DBIAS_PARTIAL,
+    n_rows, n_cols, rows_per_program,
     stride_dy_row, stride_x_row, stride_residual_row, stride_dx_row, stride_dresidual_row,
     stride_partial_row,
     BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_DX: tl.constexpr,
@@ -125,7 +136,8 @@ def _layer_norm_backward_kernel(
     """Rows ``[pid * rows_per_program, ...)`` of the LayerNorm backward.
 
     DY: (rows, n_cols) Y's dtype. X, RESIDUAL: as in the forward (RESIDUAL read only if
-    HAS_RESIDUAL). WEIGHT: (n_cols,). Mean and rstd are recomputed per row.
+    HAS_RESIDUAL). WEIGHT: (n_cols,). MEAN, RSTD: (rows,) ACC_DTYPE, the forward's
+    statistics (read, not recomputed: the only row reductions here are the two of dx).
     DX: (rows, n_cols) X's dtype, written if STORE_DX; DRESIDUAL: (rows, n_cols)
     RESIDUAL's dtype, written if STORE_DRESIDUAL (the same values: d(x + r)/dr = 1).
     DWEIGHT_PARTIAL, DBIAS_PARTIAL: (programs, n_cols) ACC_DTYPE; row ``pid`` receives this
@@ -150,11 +162,9 @@ def _layer_norm_backward_kernel(
         if HAS_RESIDUAL:
             r = tl.load(RESIDUAL + row * stride_residual_row + cols, mask=mask, other=0.0)
             h += r.to(ACC_DTYPE)
-        mean = tl.sum(h, axis=0) / n_cols
-        centered = tl.where(mask, h - mean, 0.0)
-        var = tl.sum(centered * centered, axis=0) / n_cols
-        rstd = 1.0 / tl.sqrt(var + eps)
-        x_hat = centered * rstd  # zero on masked lanes
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        x_hat = tl.where(mask, (h - mean) * rstd, 0.0)
         dy = tl.load(DY + row * stride_dy_row + cols, mask=mask, other=0.0).to(ACC_DTYPE)
         if COMPUTE_DWEIGHT:
             dweight_acc += dy * x_hat
@@ -219,47 +229,56 @@ def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     return t2
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-            residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """``LayerNorm(x + residual) * weight + bias`` over the last dim.
+def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                       residual: Optional[torch.Tensor]
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, rstd)``: ``y = LayerNorm(x + residual) * weight + bias`` over the last
+    dim, and each row's statistics for :func:`layer_norm_backward`.
 
     ``x``: ``(..., hidden)`` fp16/bf16/fp32/fp64; ``residual``: ``x``'s shape (any float
-    dtype) or None; ``weight``, ``bias``: ``(hidden,)``. Returns ``x``'s shape, contiguous,
+    dtype) or None; ``weight``, ``bias``: ``(hidden,)``. ``y``: ``x``'s shape, contiguous,
     in the dtype of ``x + residual`` (type promotion; ``x``'s dtype without a residual).
+    ``mean``, ``rstd`` (``1 / sqrt(var + eps)``): ``x.shape[:-1]``, fp32 (fp64 when
+    ``x + residual`` is fp64). Arguments are checked by the caller (the public op, or
+    :func:`forward`).
     """
-    hidden = _check_inputs(x, weight, bias, eps, residual)
+    hidden = x.shape[-1]
     x2 = _rows(x, hidden)
     r2 = _rows(residual, hidden) if residual is not None else x2
     weight, bias = weight.contiguous(), bias.contiguous()
     n_rows = x2.shape[0]
-    y = _empty((n_rows, hidden), torch.promote_types(x.dtype, r2.dtype), x.device)
+    out_dtype = torch.promote_types(x.dtype, r2.dtype)
+    acc = accumulator_dtype(out_dtype)
+    y = _empty((n_rows, hidden), out_dtype, x.device)
+    mean = _empty((n_rows,), acc, x.device)
+    rstd = _empty((n_rows,), acc, x.device)
     if n_rows > 0:
         block_n = triton.next_power_of_2(hidden)
-        acc = tl_accumulator_dtype(torch.promote_types(x.dtype, r2.dtype))
         _layer_norm_forward_kernel[(n_rows,)](
-            x2, r2, weight, bias, y,
+            x2, r2, weight, bias, y, mean, rstd,
             hidden, float(eps),
             x2.stride(0), r2.stride(0), y.stride(0),
-            BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, ACC_DTYPE=acc,
-            num_warps=_num_warps(block_n),
+            BLOCK_N=block_n, HAS_RESIDUAL=residual is not None,
+            ACC_DTYPE=tl_accumulator_dtype(acc), num_warps=_num_warps(block_n),
         )
-    return y.view(x.shape)
+    return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
-def backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-             bias: torch.Tensor, eps: float, residual: Optional[torch.Tensor],
-             needs_input_grad: Sequence[bool]) -> List[torch.Tensor]:
-    """Gradients ``[dx, dweight, dbias, dresidual]`` of :func:`forward`.
+def layer_norm_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor, residual: Optional[torch.Tensor],
+                        mean: torch.Tensor, rstd: torch.Tensor,
+                        needs_input_grad: Sequence[bool]) -> List[torch.Tensor]:
+    """Gradients ``[dx, dweight, dbias, dresidual]`` of :func:`layer_norm_forward`, from
+    its saved ``mean`` and ``rstd`` (no statistics recomputed).
 
     ``grad_output``: ``x``'s shape. ``needs_input_grad``: 4 bools for (x, weight, bias,
     residual). Each gradient has its input's shape and dtype; where it is not needed, or
     ``residual`` is None, a 0-element tensor stands in. ``dx`` and ``dresidual`` hold equal
-    values in separate tensors (a custom op may not return aliases).
+    values in separate tensors (a custom op may not return aliases). ``bias`` gives only
+    the dtype of ``dbias``.
     """
-    hidden = _check_inputs(x, weight, bias, eps, residual)
-    check_grad_output(grad_output, x, "x")
-    need_dx, need_dweight, need_dbias, need_dresidual = needs_flags(
-        needs_input_grad, ("x", "weight", "bias", "residual"))
+    hidden = x.shape[-1]
+    need_dx, need_dweight, need_dbias, need_dresidual = (bool(n) for n in needs_input_grad)
     need_dresidual = need_dresidual and residual is not None
 
     x2 = _rows(x, hidden)
@@ -267,8 +286,8 @@ def backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dy2 = _rows(grad_output, hidden)
     n_rows = x2.shape[0]
     device = x.device
-    acc_torch = (torch.float64 if torch.promote_types(x.dtype, r2.dtype) == torch.float64
-                 else torch.float32)
+    acc_torch = accumulator_dtype(torch.promote_types(x.dtype, r2.dtype))
+    assert mean.dtype == rstd.dtype == acc_torch and mean.numel() == rstd.numel() == n_rows
 
     dx = _empty((n_rows, hidden), x.dtype, device) if need_dx else None
     dres = _empty((n_rows, hidden), residual.dtype, device) if need_dresidual else None
@@ -289,10 +308,11 @@ def backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             partial_stride = hidden
             _layer_norm_backward_kernel[(programs,)](
                 dy2, x2, r2, weight.contiguous(),
+                mean.reshape(-1).contiguous(), rstd.reshape(-1).contiguous(),
                 dx if dx is not None else dummy, dres if dres is not None else dummy,
                 dweight_partial if dweight_partial is not None else dummy,
                 dbias_partial if dbias_partial is not None else dummy,
-                n_rows, hidden, rows_per_program, float(eps),
+                n_rows, hidden, rows_per_program,
                 dy2.stride(0), x2.stride(0), r2.stride(0),
                 dx.stride(0) if dx is not None else 0,
                 dres.stride(0) if dres is not None else 0,
@@ -309,6 +329,32 @@ def backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         dbias_partial.sum(0).to(bias.dtype) if need_dbias else grad_output.new_empty(0),
         dres.view(residual.shape) if dres is not None else grad_output.new_empty(0),
     ]
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+            residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y`` of :func:`layer_norm_forward`, its arguments checked first (TypeError /
+    ValueError naming the argument): for callers outside ``spanbert_fast.ops``."""
+    _check_inputs(x, weight, bias, eps, residual)
+    return layer_norm_forward(x, weight, bias, eps, residual)[0]
+
+
+def backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor, eps: float, residual: Optional[torch.Tensor],
+             needs_input_grad: Sequence[bool]) -> List[torch.Tensor]:
+    """Gradients ``[dx, dweight, dbias, dresidual]`` of :func:`forward` for a caller that
+    kept no statistics (the kernel tests): checks the arguments, runs the forward
+    kernel for ``mean``/``rstd``, then :func:`layer_norm_backward`. The custom op's
+    autograd never comes here: it saved the forward's statistics.
+
+    ``grad_output``: ``x``'s shape. ``needs_input_grad``: 4 bools for (x, weight, bias,
+    residual); see :func:`layer_norm_backward` for the results.
+    """
+    _check_inputs(x, weight, bias, eps, residual)
+    check_grad_output(grad_output, x, "x")
+    needs = needs_flags(needs_input_grad, ("x", "weight", "bias", "residual"))
+    _, mean, rstd = layer_norm_forward(x, weight, bias, eps, residual)
+    return layer_norm_backward(grad_output, x, weight, bias, residual, mean, rstd, needs)
 
 
 def not_supported_reasons(tensors: Sequence[torch.Tensor]) -> List[str]:

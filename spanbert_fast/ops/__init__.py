@@ -2,9 +2,11 @@
 
 Each op module (:mod:`.attention`, :mod:`.layer_norm`, :mod:`.bias_gelu`,
 :mod:`.span_boundary_head`, :mod:`.linear_cross_entropy`) checks its public arguments once,
-asks :mod:`.dispatch` for a backend, and holds its ``torch.library`` custom op
-(``torch.ops.spanbert_fast.<op>``: one opaque node with a fake (meta) implementation for
-``torch.compile``) with its autograd.
+asks :mod:`.dispatch` for a backend, and holds its ``torch.library`` custom ops (opaque
+nodes with fake (meta) implementations for ``torch.compile``) with their autograd, which
+saves what the backward needs: a Triton backward never reruns a forward kernel or GEMM
+(attention, layer_norm and span_boundary_head have dedicated forward/backward op pairs;
+see :mod:`.registration`).
 
 Backends
 --------

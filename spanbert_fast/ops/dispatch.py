@@ -32,15 +32,17 @@ ENV_BACKEND = "SPANBERT_FAST_BACKEND"
 # Every op the models dispatch; each has kernels/<op>.py.
 OPS = ("attention", "layer_norm", "bias_gelu", "span_boundary_head", "linear_cross_entropy")
 
-# Entry points each kernel file must export besides not_supported_reasons. Most ops use the
-# generic launcher pair ``forward(*op_args)`` / ``backward(grad_output, *op_args,
+# Entry points each kernel file must export besides not_supported_reasons. bias_gelu uses
+# the generic launcher pair ``forward(*op_args)`` / ``backward(grad_output, *op_args,
 # needs_input_grad)``; the others have dedicated custom ops that save what their backward
-# needs (attention its log-sum-exp).
+# needs (attention its log-sum-exp, layer_norm the rows' mean and rstd, span_boundary_head
+# its GEMM outputs and LayerNorm statistics; linear_cross_entropy computes its gradients
+# in the forward and keeps the generic pair for its loss-scaled fp16 path).
 KERNEL_ENTRY_POINTS: Dict[str, Tuple[str, ...]] = {
     "attention": ("attention_forward", "attention_backward"),
-    "layer_norm": ("forward", "backward"),
+    "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
     "bias_gelu": ("forward", "backward"),
-    "span_boundary_head": ("forward", "backward"),
+    "span_boundary_head": ("span_boundary_head_forward", "span_boundary_head_backward"),
     "linear_cross_entropy": ("linear_cross_entropy_forward", "forward", "backward"),
 }
 

@@ -1,11 +1,18 @@
-"""One generic registration for ops whose backward needs only their inputs.
+"""How the ops become ``torch.ops.spanbert_fast.<name>``.
 
-``register_op(name, ...)`` defines ``torch.ops.spanbert_fast.<name>`` and
-``<name>_backward``, both taking the backend name as their last argument. The ``torch``
-backend runs the reference (the oracle) and differentiates it with ``torch.func.vjp``;
-``triton`` calls the kernel file's generic launchers ``forward(*op_args)`` and
-``backward(grad_output, *op_args, needs_input_grad)``. Ops whose backward reuses forward
-results (attention's log-sum-exp) register dedicated custom ops in their own module.
+``register_op(name, ...)``: one generic registration for ops whose backward needs only
+their inputs (bias_gelu, and the loss-scaled fp16 path of linear_cross_entropy). It
+defines ``torch.ops.spanbert_fast.<name>`` and ``<name>_backward``, both taking the backend
+name as their last argument. The ``torch`` backend runs the reference (the oracle) and
+differentiates it with ``torch.func.vjp``; ``triton`` calls the kernel file's generic
+launchers ``forward(*op_args)`` and ``backward(grad_output, *op_args, needs_input_grad)``.
+
+Ops whose backward reuses forward results register dedicated custom ops in their own
+module: attention (its log-sum-exp), layer_norm (row mean and rstd) and span_boundary_head
+(its GEMM outputs and LayerNorm statistics). ``register_composite(name, ...)`` gives the
+last two their ``torch.ops.spanbert_fast.<name>(..., backend)`` as well: a
+CompositeImplicitAutograd op that calls the reference or the public function, so autograd
+runs through the reference or the dedicated ops and nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -114,6 +121,30 @@ def register_op(name: str, schema_args: Sequence[Tuple[str, str]], reference_fn:
 
     forward_op.register_autograd(backward, setup_context=setup_context)
     return forward_op
+
+
+_LIBRARY = torch.library.Library("spanbert_fast", "FRAGMENT")
+
+
+def register_composite(name: str, schema_args: Sequence[Tuple[str, str]],
+                       reference_fn: Callable, public_fn: Callable) -> None:
+    """Register ``spanbert_fast::<name>(<schema_args>, str backend) -> Tensor`` as a
+    CompositeImplicitAutograd op: backend ``torch`` runs ``reference_fn(*args)`` (as the
+    generic ops do: no argument checks, whose value checks would read data a trace cannot
+    give), any other ``public_fn(*args, backend)``: the public op (argument checks,
+    backend choice, its dedicated custom ops and their autograd). It has no autograd or
+    fake of its own: autograd and ``torch.compile`` see what it calls.
+    """
+    arg_list = ", ".join(f"{kind} {arg}" for arg, kind in schema_args)
+    _LIBRARY.define(f"{name}({arg_list}, str backend) -> Tensor")
+
+    def impl(*args):
+        *op_args, backend = args
+        if backend == "torch":
+            return reference_fn(*op_args)
+        return public_fn(*op_args, backend)
+
+    _LIBRARY.impl(name, impl, "CompositeImplicitAutograd")
 
 
 def custom_op(name: str) -> Callable:
