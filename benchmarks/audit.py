@@ -658,6 +658,48 @@ def compare(doc: Dict[str, Any], baseline: Dict[str, Any]) -> List[str]:
     return problems
 
 
+def summary_table(doc: Dict[str, Any], arch: str = "sm_90") -> str:
+    """One markdown row per (kernel, dtype class) on ``arch``: variants, register, spill,
+    shared-memory and occupancy ranges, and the dots' instruction (the README's table)."""
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    for row in doc["rows"]:
+        r = row["archs"].get(arch)
+        if r is None or "error" in r:
+            continue
+        cls = "fp16/bf16" if _low_precision(row) else "/".join(
+            d for d in row["pointer_dtypes"] if d.startswith("fp")) or "-"
+        groups.setdefault((row["kernel"], cls), []).append((row, r))
+
+    def span(values, fmt="{}"):
+        lo, hi = min(values), max(values)
+        return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}-{fmt.format(hi)}"
+
+    lines = ["| kernel | dtype | variants | registers | spill stores (B) | shared (KB) "
+             "| warps/SM | dots on |", "|---|---|---|---|---|---|---|---|"]
+    for (kernel, cls), items in groups.items():
+        rs = [r for _, r in items]
+        instructions = sorted({k for r in rs for k in r["tensor_core_instructions"]})
+        fma = sum(r["fma_dots"] for r in rs)
+        dots = ", ".join(instructions) or ("FMA" if fma else "-")
+        lines.append(
+            f"| `{kernel}` | {cls} | {len(rs)} | {span([r['registers'] for r in rs])} | "
+            f"{span([r['spill_store_bytes'] for r in rs])} | "
+            f"{span([r['shared_bytes'] / 1024 for r in rs], '{:.1f}')} | "
+            f"{span([r['warps_per_sm'] for r in rs])} | {dots} |")
+    pruned = {}
+    for row in doc["rows"]:
+        r = row["archs"].get(arch)
+        if r is not None and "error" not in r and _arch_pruned(row):
+            key = autotune_group(row)
+            pruned[key] = pruned.get(key, False) or not r["spills"]
+    if pruned:
+        lines += ["", f"Autotuned attention on {arch}: {sum(pruned.values())} of "
+                  f"{len(pruned)} (kernel, dtype, head dim, layout, dropout) groups have a "
+                  "config that does not spill; the launcher's prune keeps only the least "
+                  "spilling configs of each group."]
+    return "\n".join(lines)
+
+
 def markdown(doc: Dict[str, Any]) -> str:
     """One table per arch: a row per variant."""
     lines = [f"# Compile audit, triton {doc['versions']['triton']}, {doc['date']}", "",
@@ -672,6 +714,8 @@ def markdown(doc: Dict[str, Any]) -> str:
         for gate, items in failures.items()))
     for gate, items in failures.items():
         lines.extend(f"- {gate}: {item}" for item in items)
+    for arch in doc["archs"]:
+        lines += ["", f"## Summary, {arch}", "", summary_table(doc, arch)]
     for arch, spec in doc["archs"].items():
         lines += ["", f"## {arch} ({spec['name']}, {spec['smem_per_block'] // 1024} KB shared "
                   "per block)", "",

@@ -5,12 +5,17 @@ unwritten elements."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Iterator, List, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+# Read once, here: whether kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when
+# triton was first imported), which takes one fixed launch config per kernel.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
@@ -28,6 +33,50 @@ def gelu_erf_derivative(z):
     """``d/dz [z * Phi(z)] = Phi(z) + z * phi(z)``."""
     cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
     return cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+
+
+@triton.jit
+def layer_norm_row(h, mask, n_cols, eps):
+    """One register-resident row's LayerNorm statistics: ``(h - mean)`` (0 on masked
+    lanes), mean and ``1 / sqrt(var + eps)``. Two-pass variance: no E[h^2] - E[h]^2
+    cancellation."""
+    mean = tl.sum(h, axis=0) / n_cols
+    centered = tl.where(mask, h - mean, 0.0)
+    var = tl.sum(centered * centered, axis=0) / n_cols
+    return centered, mean, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def layer_norm_row_backward(dy, weight, x_hat, rstd, n_cols):
+    """The gradient at a LayerNorm's input row from the saved statistics:
+    ``g = dy * weight``, ``rstd * (g - mean(g * x_hat) * x_hat - mean(g))`` (dy and weight
+    loaded as 0 on masked lanes, x_hat 0 there)."""
+    g = dy * weight
+    mean_g_xhat = tl.sum(g * x_hat, axis=0) / n_cols
+    mean_g = tl.sum(g, axis=0) / n_cols
+    return (g - x_hat * mean_g_xhat - mean_g) * rstd
+
+
+def row_num_warps(block_n: int) -> int:
+    """The row kernels' rule: one warp per 256 columns, 1..16 warps (8 elements per
+    thread: one 16-byte load of fp16/bf16 per tensor; the row reductions stay inside a few
+    warps); hidden 768 and 1024 (BLOCK_N 1024) get 4, the interpreter 1. A starting rule,
+    not yet tuned on a GPU."""
+    if INTERPRET:
+        return 1
+    return min(max(block_n // 256, 1), 16)
+
+
+def backward_programs(n_rows: int, device: torch.device, interpreter_programs: int) -> int:
+    """Programs of a row kernel's backward, each owning a contiguous run of rows and one
+    row of the column-sum partials: 2 per SM on a GPU (enough to fill it; the partials stay
+    ~1 MB at hidden 1024), ``interpreter_programs`` on the CPU so tests cover several
+    programs with uneven row counts."""
+    if device.type == "cuda":
+        cap = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        cap = interpreter_programs
+    return max(1, min(n_rows, cap))
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

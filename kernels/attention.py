@@ -13,9 +13,13 @@ The forward never materialises the ``(seq x seq)`` scores: it streams key/value 
 through an online softmax in base 2 (``exp2`` of scores pre-scaled by ``log2(e)``) and
 saves the per-row log-sum-exp ``lse`` (fp32, base 2) for the backward. The backward runs a
 preprocess (``delta = rowsum(dO * O)``), a key-block pass for ``dK, dV`` and a query-block
-pass for ``dQ``: no atomics, so gradients are deterministic run to run. (The atomic dQ
-variant saves one recomputation of ``Q K^T``; which one is faster on H100 is still to be
-measured on a GPU.)
+pass for ``dQ``: no atomics, so gradients are deterministic run to run whichever tile
+config the autotuner picks (each config's result is reproducible; two configs may differ
+in the last bits, as any change of summation order does). (The atomic dQ variant saves one
+recomputation of ``Q K^T``; which one is faster on H100 is still to be measured on a GPU.)
+
+Tiles: on a GPU each of the three kernels autotunes over :data:`CONFIGS`, pruned per arch
+by the compile audit's spill table (see there); the interpreter runs one fixed config.
 
 Dropout on the attention probabilities uses Philox through ``tl.rand`` keyed by
 ``(seed + batch_head * 7919, query * max_seqlen + key)``: the backward regenerates the
@@ -38,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET as _INTERPRET
+
 __all__ = ["attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS",
            "not_supported_reasons"]
 
@@ -46,7 +52,6 @@ __all__ = ["attention_forward", "attention_backward", "SUPPORTED_HEAD_DIMS",
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) each kernel's autotuner
@@ -158,6 +163,19 @@ def _launch(tuned, fn, grid, args, kwargs):
 
 
 @triton.jit
+def _program(CU_SEQLENS, KEY_LENGTHS, num_heads, max_seqlen, VARLEN: tl.constexpr,
+             HAS_KEY_LENGTHS: tl.constexpr):
+    """This program's (block, batch_head, batch, head, first token, query rows, valid
+    keys): axis 0 walks the blocks of one sequence, axis 1 the (batch, head) pairs."""
+    block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch, head = _batch_and_head(batch_head, num_heads)
+    start, q_len, k_len = _sequence_bounds(CU_SEQLENS, KEY_LENGTHS, batch, max_seqlen,
+                                           VARLEN, HAS_KEY_LENGTHS)
+    return block, batch_head, batch, head, start, q_len, k_len
+
+
+@triton.jit
 def _dot(a, b, IEEE_FP32: tl.constexpr):
     """``a @ b`` accumulated in fp32: IEEE fp32 products for fp32 inputs (not TF32, so fp32
     matches the reference to ~1e-6), tensor cores in ``b``'s dtype otherwise (an fp32
@@ -243,11 +261,8 @@ def _attention_forward_kernel(
     IEEE_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch, head = _batch_and_head(batch_head, num_heads)
-    start, q_len, k_len = _sequence_bounds(CU_SEQLENS, KEY_LENGTHS, batch, max_seqlen,
-                                           VARLEN, HAS_KEY_LENGTHS)
+    block_m, batch_head, batch, head, start, q_len, k_len = _program(
+        CU_SEQLENS, KEY_LENGTHS, num_heads, max_seqlen, VARLEN, HAS_KEY_LENGTHS)
     if block_m * BLOCK_M >= q_len:
         return
 
@@ -332,11 +347,8 @@ def _attention_backward_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One key block: dV = sum_i P^T dO, dK = scale * sum_i dS^T Q over all query blocks."""
-    block_n = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch, head = _batch_and_head(batch_head, num_heads)
-    start, q_len, k_len = _sequence_bounds(CU_SEQLENS, KEY_LENGTHS, batch, max_seqlen,
-                                           VARLEN, HAS_KEY_LENGTHS)
+    block_n, batch_head, batch, head, start, q_len, k_len = _program(
+        CU_SEQLENS, KEY_LENGTHS, num_heads, max_seqlen, VARLEN, HAS_KEY_LENGTHS)
     # Rows that exist in memory for this sequence: padded keys exist (their gradient is 0
     # and must still be written), packed sequences end at q_len.
     rows_in_memory = q_len
@@ -399,11 +411,8 @@ def _attention_backward_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One query block: dQ = scale * sum_j dS K over the valid key blocks."""
-    block_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch, head = _batch_and_head(batch_head, num_heads)
-    start, q_len, k_len = _sequence_bounds(CU_SEQLENS, KEY_LENGTHS, batch, max_seqlen,
-                                           VARLEN, HAS_KEY_LENGTHS)
+    block_m, batch_head, batch, head, start, q_len, k_len = _program(
+        CU_SEQLENS, KEY_LENGTHS, num_heads, max_seqlen, VARLEN, HAS_KEY_LENGTHS)
     if block_m * BLOCK_M >= q_len:
         return
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -514,7 +523,7 @@ def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     key_lengths: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
     softmax_scale: float, dropout_p: float, seed: int,
-    out: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None, *, check_arguments: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention forward.
 
@@ -522,10 +531,12 @@ def attention_forward(
     over D). ``key_lengths``: ``(B,)`` int32/int64 or None (padded only). ``cu_seqlens``:
     ``(B+1,)`` int32/int64 (packed only) with ``max_seqlen``; any stride (copied to
     contiguous int32). ``seed``: int for the dropout RNG.
-    ``out``: optional preallocated output shaped like ``q``.
+    ``out``: optional preallocated output shaped like ``q``. ``check_arguments=False``:
+    the caller has checked them (the public op does, once).
     Returns ``(out, lse)`` with ``lse`` ``(B, H, max_seqlen)`` fp32 in base 2.
     """
-    _check_inputs(q, k, v, key_lengths, cu_seqlens)
+    if check_arguments:  # False: spanbert_fast.ops checked them at its public boundary
+        _check_inputs(q, k, v, key_lengths, cu_seqlens)
     batch, heads, seqlen, varlen = _layout(q, cu_seqlens, max_seqlen)
     q, k, v = (_kernel_view(t, varlen, seqlen) for t in (q, k, v))
     key_lengths, cu_seqlens = _contiguous_int32(key_lengths), _contiguous_int32(cu_seqlens)
@@ -567,14 +578,16 @@ def attention_backward(
     out: torch.Tensor, lse: torch.Tensor,
     key_lengths: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
     softmax_scale: float, dropout_p: float, seed: int,
-    grads_out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    grads_out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None, *,
+    check_arguments: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of the attention forward; shapes and dtypes of q, k, v.
 
     ``out`` and ``lse`` are the forward's results; ``seed`` must be the forward's.
     ``grads_out``: optional preallocated contiguous ``(dq, dk, dv)`` buffers.
     """
-    _check_inputs(q, k, v, key_lengths, cu_seqlens)
+    if check_arguments:  # False: spanbert_fast.ops checked them at its public boundary
+        _check_inputs(q, k, v, key_lengths, cu_seqlens)
     batch, heads, seqlen, varlen = _layout(q, cu_seqlens, max_seqlen)
     q, k, v, out, dout = (_kernel_view(t, varlen, seqlen) for t in (q, k, v, out, dout))
     key_lengths, cu_seqlens = _contiguous_int32(key_lengths), _contiguous_int32(cu_seqlens)

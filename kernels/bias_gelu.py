@@ -35,20 +35,19 @@ backward regenerates exactly from the same seed, whatever tile shapes either pas
 from __future__ import annotations
 
 import math
-import os
 from typing import List, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET as _INTERPRET
 from ._common import (check_float_tensor, check_grad_output, empty_buffer, gelu_erf,
                       gelu_erf_derivative, needs_flags, tl_accumulator_dtype)
 
 __all__ = ["forward", "backward", "forward_with_dropout", "backward_with_dropout",
            "not_supported_reasons"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # Testing hook: when True, every buffer the launchers allocate (outputs and dbias partials)
@@ -293,26 +292,32 @@ def _backward(grad_output: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
     ]
 
 
-def forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def forward(x: torch.Tensor, bias: torch.Tensor, *, check_arguments: bool = True) -> torch.Tensor:
     """Exact ``GELU(x + bias)``.
 
     ``x``: ``(..., features)`` fp16/bf16/fp32/fp64; ``bias``: ``(features,)`` any float
-    dtype. Returns ``x``'s shape and dtype, contiguous.
+    dtype. Returns ``x``'s shape and dtype, contiguous. ``check_arguments=False``: the caller
+    (spanbert_fast.ops, at its public boundary) has checked them.
     """
-    _check_inputs(x, bias)
+    if check_arguments:
+        _check_inputs(x, bias)
     return _forward(x, bias, 0.0, 0)
 
 
 def backward(grad_output: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
-             needs_input_grad: Sequence[bool]) -> List[torch.Tensor]:
+             needs_input_grad: Sequence[bool], *, check_arguments: bool = True
+             ) -> List[torch.Tensor]:
     """Gradients ``[dx, dbias]`` of :func:`forward`.
 
     ``grad_output``: ``x``'s shape. ``needs_input_grad``: 2 bools for (x, bias).
     ``dx``: ``x``'s shape and dtype; ``dbias``: ``(features,)`` in ``bias``'s dtype, summed
     in fp32. A 0-element tensor stands in for a gradient that is not needed.
     """
-    _check_inputs(x, bias)
-    need_dx, need_dbias = _check_backward(grad_output, x, needs_input_grad)
+    if check_arguments:
+        _check_inputs(x, bias)
+        need_dx, need_dbias = _check_backward(grad_output, x, needs_input_grad)
+    else:
+        need_dx, need_dbias = (bool(n) for n in needs_input_grad)
     return _backward(grad_output, x, bias, 0.0, 0, need_dx, need_dbias)
 
 

@@ -39,8 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (accumulator_dtype, check_float_tensor, check_grad_output, empty_buffer,
-                      needs_flags, tl_accumulator_dtype)
+from ._common import (accumulator_dtype, backward_programs, check_float_tensor,
+                      check_grad_output, empty_buffer, layer_norm_row, layer_norm_row_backward,
+                      needs_flags, row_num_warps, tl_accumulator_dtype)
 
 __all__ = ["layer_norm_forward", "layer_norm_backward", "forward", "backward",
            "MAX_FUSED_BYTES", "not_supported_reasons"]
@@ -59,30 +60,6 @@ POISON_BUFFERS = False
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return empty_buffer(shape, dtype, device, POISON_BUFFERS)
-
-
-def _num_warps(block_n: int) -> int:
-    """One warp per 256 columns, 1..16 warps (the interpreter ignores it).
-
-    256 columns per warp = 8 elements per thread: one 16-byte vector load of fp16/bf16
-    (two of fp32) per tensor, and the row reductions stay inside a few warps. Hidden 768
-    and 1024 (BLOCK_N 1024) get 4 warps. A starting rule, not yet tuned on a GPU.
-    """
-    return min(max(block_n // 256, 1), 16)
-
-
-def _backward_programs(n_rows: int, device: torch.device) -> int:
-    """Number of backward programs, each owning a contiguous run of rows.
-
-    Two per SM on a GPU: enough to fill the machine, few enough that the
-    ``(programs, hidden)`` dweight/dbias partials stay ~1 MB. In the interpreter, 4, so
-    tests still cover several programs with uneven row counts.
-    """
-    if device.type == "cuda":
-        cap = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        cap = 4
-    return max(1, min(n_rows, cap))
 
 
 @triton.jit
@@ -110,11 +87,7 @@ def _layer_norm_forward_kernel(
         # fewer than torch's ``x + residual`` and no extra pass over memory.
         r = tl.load(RESIDUAL + row * stride_residual_row + cols, mask=mask, other=0.0)
         h += r.to(ACC_DTYPE)
-    mean = tl.sum(h, axis=0) / n_cols
-    # Two-pass variance on the register-resident row: no E[x^2] - E[x]^2 cancellation.
-    centered = tl.where(mask, h - mean, 0.0)
-    var = tl.sum(centered * centered, axis=0) / n_cols
-    rstd = 1.0 / tl.sqrt(var + eps)
+    centered, mean, rstd = layer_norm_row(h, mask, n_cols, eps)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
     w = tl.load(WEIGHT + cols, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -171,10 +144,7 @@ def _layer_norm_backward_kernel(
         if COMPUTE_DBIAS:
             dbias_acc += dy
         if STORE_DX or STORE_DRESIDUAL:
-            g = dy * w  # zero on masked lanes (dy and w loaded as 0 there)
-            mean_g_xhat = tl.sum(g * x_hat, axis=0) / n_cols
-            mean_g = tl.sum(g, axis=0) / n_cols
-            dx = (g - x_hat * mean_g_xhat - mean_g) * rstd
+            dx = layer_norm_row_backward(dy, w, x_hat, rstd, n_cols)
             if STORE_DX:
                 tl.store(DX + row * stride_dx_row + cols, dx.to(DX.dtype.element_ty),
                          mask=mask)
@@ -259,7 +229,7 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             hidden, float(eps),
             x2.stride(0), r2.stride(0), y.stride(0),
             BLOCK_N=block_n, HAS_RESIDUAL=residual is not None,
-            ACC_DTYPE=tl_accumulator_dtype(acc), num_warps=_num_warps(block_n),
+            ACC_DTYPE=tl_accumulator_dtype(acc), num_warps=row_num_warps(block_n),
         )
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
@@ -296,7 +266,7 @@ def layer_norm_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torc
         dweight_partial = torch.zeros((1, hidden), dtype=acc_torch, device=device)
         dbias_partial = dweight_partial
     else:
-        programs = _backward_programs(n_rows, device)
+        programs = backward_programs(n_rows, device, interpreter_programs=4)
         rows_per_program = triton.cdiv(n_rows, programs)
         programs = triton.cdiv(n_rows, rows_per_program)  # every program gets >= 1 row
         dweight_partial = (_empty((programs, hidden), acc_torch, device)
@@ -320,7 +290,7 @@ def layer_norm_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torc
                 BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, STORE_DX=need_dx,
                 STORE_DRESIDUAL=need_dresidual, COMPUTE_DWEIGHT=need_dweight,
                 COMPUTE_DBIAS=need_dbias, ACC_DTYPE=tl_accumulator_dtype(acc_torch),
-                num_warps=_num_warps(block_n),
+                num_warps=row_num_warps(block_n),
             )
     # A fresh 0-element tensor per slot: the custom op's outputs must not alias each other.
     return [

@@ -55,20 +55,19 @@ Entry points:
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET as _INTERPRET
 from ._common import (accumulator_dtype, check_float_tensor, empty_buffer, needs_flags,
                       value_checks_enabled)
 
 __all__ = ["linear_cross_entropy_forward", "forward", "backward", "DEFAULT_CHUNK_BYTES",
            "not_supported_reasons"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Logits budget per chunk. 256 MiB holds every SpanBERT MLM batch up to ~4.6K masked rows
 # (bf16, 28996 words) in a single chunk, so chunking costs nothing at usual sizes while a
@@ -337,6 +336,8 @@ def linear_cross_entropy_forward(
     ignore_index: int,
     need_grads: bool,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    *,
+    check_arguments: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Mean cross-entropy of ``hidden @ weight.T + bias`` and, if ``need_grads``, its
     gradients, chunk by chunk over the rows.
@@ -352,35 +353,40 @@ def linear_cross_entropy_forward(
     weight and bias, or None when ``need_grads`` is False (``grad_bias`` also when
     ``bias`` is None).
     """
-    _check_inputs(hidden, weight, bias, labels, ignore_index, chunk_bytes)
-    if not isinstance(need_grads, bool):
-        raise TypeError(f"need_grads must be a bool, got {type(need_grads).__name__}")
+    if check_arguments:  # False: spanbert_fast.ops checked them at its public boundary
+        _check_inputs(hidden, weight, bias, labels, ignore_index, chunk_bytes)
+        if not isinstance(need_grads, bool):
+            raise TypeError(f"need_grads must be a bool, got {type(need_grads).__name__}")
     with torch.no_grad():
         return _linear_cross_entropy(hidden, weight, bias, labels, ignore_index,
                                      need_grads, need_grads, need_grads, chunk_bytes)
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+            labels: torch.Tensor, ignore_index: int, *, check_arguments: bool = True
+            ) -> torch.Tensor:
     """The op registry's forward: the loss alone (no gradient work)."""
     loss, _, _, _ = linear_cross_entropy_forward(hidden, weight, bias, labels,
-                                                 ignore_index, need_grads=False)
+                                                 ignore_index, need_grads=False,
+                                                 check_arguments=check_arguments)
     return loss
 
 
 def backward(grad_output: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
              bias: Optional[torch.Tensor], labels: torch.Tensor, ignore_index: int,
-             needs_input_grad: Sequence[bool]) -> List[torch.Tensor]:
+             needs_input_grad: Sequence[bool], *, check_arguments: bool = True
+             ) -> List[torch.Tensor]:
     """The op registry's backward: ``[d_hidden, d_weight, d_bias, d_labels]``.
 
     Recomputes the chunked forward with only the requested gradients (a frozen ``weight``
     skips its GEMM) and scales them by ``grad_output`` (a 0-d tensor). A 0-element tensor
     stands in for every gradient not needed, for ``bias`` None, and always for labels.
     """
-    _check_inputs(hidden, weight, bias, labels, ignore_index, DEFAULT_CHUNK_BYTES)
-    if not isinstance(grad_output, torch.Tensor) or grad_output.numel() != 1:
-        raise ValueError("grad_output must be a 1-element tensor (the loss is a scalar), got "
-                         f"{getattr(grad_output, 'shape', type(grad_output).__name__)}")
+    if check_arguments:
+        _check_inputs(hidden, weight, bias, labels, ignore_index, DEFAULT_CHUNK_BYTES)
+        if not isinstance(grad_output, torch.Tensor) or grad_output.numel() != 1:
+            raise ValueError("grad_output must be a 1-element tensor (the loss is a scalar), "
+                             f"got {getattr(grad_output, 'shape', type(grad_output).__name__)}")
     need_hidden, need_weight, need_bias, _ = needs_flags(
         needs_input_grad, ("hidden", "weight", "bias", "labels"))
     with torch.no_grad():

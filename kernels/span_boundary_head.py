@@ -70,16 +70,15 @@ ops; they keep only cheap layout asserts, the arguments were checked at the publ
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (accumulator_dtype, check_float_tensor, empty_buffer, gelu_erf,
-                      gelu_erf_derivative, needs_flags, tl_accumulator_dtype,
-                      value_checks_enabled)
+from ._common import (accumulator_dtype, backward_programs, check_float_tensor, empty_buffer,
+                      gelu_erf, gelu_erf_derivative, layer_norm_row, layer_norm_row_backward,
+                      needs_flags, row_num_warps, tl_accumulator_dtype, value_checks_enabled)
 
 __all__ = [
     "span_boundary_head_forward",
@@ -93,7 +92,6 @@ __all__ = [
     "SAVED_FOR_BACKWARD",
 ]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The op's tensor arguments in order: backward returns one gradient per name.
 TENSOR_ARGUMENTS = ("hidden", "left_index", "right_index", "rel_pos", "position_table",
@@ -121,25 +119,6 @@ POISON_BUFFERS = False
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return empty_buffer(shape, dtype, device, POISON_BUFFERS)
-
-
-def _num_warps(block_n: int) -> int:
-    """One warp per 256 columns, 1..16 warps (8 elements per thread: one 16-byte load of
-    fp16/bf16); H = 768/1024 gets 4 warps, the interpreter 1. Not yet tuned on a GPU."""
-    if _INTERPRET:
-        return 1
-    return min(max(block_n // 256, 1), 16)
-
-
-def _backward_programs(n_rows: int, device: torch.device) -> int:
-    """Backward programs, each owning a contiguous run of rows and one row of the column-sum
-    partials: 2 per SM on a GPU (the partials stay ~1 MB at H = 1024), 3 in the
-    interpreter so tests cover programs with uneven row counts."""
-    if device.type == "cuda":
-        cap = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        cap = 3
-    return max(1, min(n_rows, cap))
 
 
 @triton.jit
@@ -177,11 +156,7 @@ def _bias_gelu_layer_norm_forward_kernel(
     z = _pre_activation(Z, TABLE, TABLE_INDEX, bias, row, cols, mask, stride_z_row,
                         stride_table_row, HAS_TABLE, ACC_DTYPE)
     a = gelu_erf(z)  # GELU(0) = 0 on masked lanes
-    mean = tl.sum(a, axis=0) / n_cols
-    # Two-pass variance on the register-resident row: no E[a^2] - E[a]^2 cancellation.
-    centered = tl.where(mask, a - mean, 0.0)
-    var = tl.sum(centered * centered, axis=0) / n_cols
-    rstd = 1.0 / tl.sqrt(var + eps)
+    centered, mean, rstd = layer_norm_row(a, mask, n_cols, eps)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
     w = tl.load(LN_WEIGHT + cols, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -238,10 +213,7 @@ def _bias_gelu_layer_norm_backward_kernel(
         if COMPUTE_DLN_BIAS:
             dln_bias_acc += dy
         if STORE_DZ or COMPUTE_DBIAS:
-            g = dy * w  # zero on masked lanes
-            mean_g_ahat = tl.sum(g * a_hat, axis=0) / n_cols
-            mean_g = tl.sum(g, axis=0) / n_cols
-            da = (g - a_hat * mean_g_ahat - mean_g) * rstd
+            da = layer_norm_row_backward(dy, w, a_hat, rstd, n_cols)
             dz = tl.where(mask, da * gelu_erf_derivative(z), 0.0)
             if STORE_DZ:
                 tl.store(DZ + row * stride_dz_row + cols, dz.to(DZ.dtype.element_ty),
@@ -320,7 +292,7 @@ def _epilogue_forward(z: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tens
         width, float(eps),
         z.stride(0), table.stride(0), out.stride(0),
         HAS_TABLE=has_table, ACC_DTYPE=tl_accumulator_dtype(z.dtype), BLOCK_N=block_n,
-        num_warps=_num_warps(block_n),
+        num_warps=row_num_warps(block_n),
     )
     return out, mean, rstd
 
@@ -348,7 +320,7 @@ def _epilogue_backward(
         partials = [torch.zeros((1, width), dtype=acc, device=device) if w else None
                     for w in wanted]
     elif need_dz or any(wanted):
-        programs = _backward_programs(n_rows, device)
+        programs = backward_programs(n_rows, device, interpreter_programs=3)
         rows_per_program = triton.cdiv(n_rows, programs)
         programs = triton.cdiv(n_rows, rows_per_program)  # every program gets >= 1 row
         partials = [_empty((programs, width), acc, device) if w else None for w in wanted]
@@ -367,7 +339,7 @@ def _epilogue_backward(
             HAS_TABLE=has_table, STORE_DZ=need_dz, COMPUTE_DBIAS=need_dbias,
             COMPUTE_DLN_WEIGHT=need_dln_weight, COMPUTE_DLN_BIAS=need_dln_bias,
             ACC_DTYPE=tl_accumulator_dtype(z.dtype), BLOCK_N=block_n,
-            num_warps=_num_warps(block_n),
+            num_warps=row_num_warps(block_n),
         )
     dbias, dln_weight, dln_bias = (
         p.sum(0).to(dtype) if p is not None else None

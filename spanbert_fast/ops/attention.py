@@ -66,8 +66,10 @@ def _flash_attention_forward(
     cu_seqlens: Optional[torch.Tensor], max_seqlen: int, softmax_scale: float,
     dropout_p: float, seed: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return dispatch.kernel_module("attention").attention_forward(q, k, v, _key_lengths_from_mask(key_padding_mask), cu_seqlens, max_seqlen,
-                   softmax_scale, dropout_p, int(seed.item()))
+    return dispatch.kernel_module("attention").attention_forward(
+        q, k, v, _key_lengths_from_mask(key_padding_mask), cu_seqlens, max_seqlen,
+        softmax_scale, dropout_p, int(seed.item()),
+        check_arguments=not checks.arguments_checked_upstream())
 
 
 @_flash_attention_forward.register_fake
@@ -83,8 +85,10 @@ def _flash_attention_backward(
     cu_seqlens: Optional[torch.Tensor], max_seqlen: int, softmax_scale: float,
     dropout_p: float, seed: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dispatch.kernel_module("attention").attention_backward(dout, q, k, v, out, lse, _key_lengths_from_mask(key_padding_mask),
-                    cu_seqlens, max_seqlen, softmax_scale, dropout_p, int(seed.item()))
+    return dispatch.kernel_module("attention").attention_backward(
+        dout, q, k, v, out, lse, _key_lengths_from_mask(key_padding_mask), cu_seqlens,
+        max_seqlen, softmax_scale, dropout_p, int(seed.item()),
+        check_arguments=not checks.arguments_checked_upstream())
 
 
 @_flash_attention_backward.register_fake
@@ -103,7 +107,8 @@ def _flash_attention_setup_context(ctx, inputs, output):
 def _flash_attention_autograd(ctx, grad_out, grad_lse):
     q, k, v, out, lse, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
     max_seqlen, softmax_scale, dropout_p = ctx.scalars
-    with checks_state(right_padded=True):  # its forward verified the mask (or raised)
+    # Its forward verified the mask (or raised) and its arguments.
+    with checks_state(right_padded=True, arguments_done=True):
         dq, dk, dv = _flash_attention_backward(grad_out.contiguous(), q, k, v, out, lse,
                                                key_padding_mask, cu_seqlens, max_seqlen,
                                                softmax_scale, dropout_p, seed)
@@ -232,8 +237,9 @@ def _run_attention(backend: str, args: tuple) -> torch.Tensor:
     # reproducible, and the backward replays the same mask from it.
     seed = (torch.randint(0, 2**31 - 1, (1,)) if dropout_p > 0.0
             else torch.zeros(1, dtype=torch.int64))
-    out, _ = _flash_attention_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen,
-                                      scale, dropout_p, seed)
+    with checks.arguments_checked():
+        out, _ = _flash_attention_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen,
+                                          scale, dropout_p, seed)
     return out
 
 

@@ -96,6 +96,20 @@ def values_checked(right_padded: Optional[bool] = None):
         yield
 
 
+@contextlib.contextmanager
+def arguments_checked():
+    """Around a custom-op call of a public op (and its autograd backward): the arguments
+    passed its checks, so the kernel launchers skip their own (``check_arguments=False``).
+    A custom op called directly (``torch.ops.spanbert_fast.<op>``) still has its launcher
+    check them."""
+    with checks_state(arguments_done=True):
+        yield
+
+
+def arguments_checked_upstream() -> bool:
+    return bool(getattr(_checks, "arguments_done", False))
+
+
 def is_right_padding(key_padding_mask: torch.Tensor) -> bool:
     """True when every row of the (batch, seq) bool mask is ones followed by zeros."""
     lengths = key_padding_mask.sum(dim=1)

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import dispatch, reference
+from . import checks, dispatch, reference
 from .checks import (FLOAT_DTYPES, check_index_range, check_matmul_dtypes, check_same_device,
                      check_shape, check_tensor, value_checks_on)
 from .registration import custom_op, loss_dtype, register_op
@@ -41,8 +41,9 @@ def _fused_linear_cross_entropy(
     """(loss, d loss/d hidden, d loss/d weight, d loss/d bias); empty grads when not needed."""
     with dispatch.without_autocast(hidden):
         loss, grad_hidden, grad_weight, grad_bias = dispatch.kernel_module(
-            "linear_cross_entropy").linear_cross_entropy_forward(hidden, weight, bias, labels,
-                                                                 ignore_index, need_grads)
+            "linear_cross_entropy").linear_cross_entropy_forward(
+                hidden, weight, bias, labels, ignore_index, need_grads,
+                check_arguments=not checks.arguments_checked_upstream())
     # Distinct empty tensors: a custom op may not return one tensor twice (aliasing).
     return (loss, grad_hidden if grad_hidden is not None else hidden.new_empty(0),
             grad_weight if grad_weight is not None else hidden.new_empty(0),
@@ -125,7 +126,9 @@ def linear_cross_entropy(
         # fp32 before rounding, as plain torch does: one more logits GEMM, and no
         # (vocab x hidden) gradient held between forward and backward. bf16 has fp32's
         # exponent range and keeps the fused path.
-        return custom_op("linear_cross_entropy")(hidden, weight, bias, labels,
-                                                  int(ignore_index), chosen)
-    return _fused_linear_cross_entropy(hidden, weight, bias, labels, int(ignore_index),
-                                       need_grads)[0]
+        with checks.arguments_checked():
+            return custom_op("linear_cross_entropy")(hidden, weight, bias, labels,
+                                                      int(ignore_index), chosen)
+    with checks.arguments_checked():
+        return _fused_linear_cross_entropy(hidden, weight, bias, labels, int(ignore_index),
+                                           need_grads)[0]

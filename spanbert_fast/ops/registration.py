@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import dispatch
+from . import checks, dispatch
 
 
 def tensor_positions(schema_args: Sequence[Tuple[str, str]]) -> List[int]:
@@ -52,13 +52,16 @@ def register_op(name: str, schema_args: Sequence[Tuple[str, str]], reference_fn:
                              "Triton kernel has a dedicated op (use spanbert_fast.ops."
                              f"{name}, which picks it)")
         with dispatch.without_autocast(op_args[0]):
-            return dispatch.kernel_module(name).forward(*op_args)
+            return dispatch.kernel_module(name).forward(
+                *op_args, check_arguments=not checks.arguments_checked_upstream())
 
     def backward_impl(grad_output, *args):
         *op_args, needs, backend = args
         if backend != "torch":
             with dispatch.without_autocast(grad_output):
-                return dispatch.kernel_module(name).backward(grad_output, *op_args, needs)
+                return dispatch.kernel_module(name).backward(
+                    grad_output, *op_args, needs,
+                    check_arguments=not checks.arguments_checked_upstream())
         # Differentiate the reference: the ground truth a kernel must match. A custom op
         # runs below the autograd dispatch key, so torch.autograd would record nothing
         # here; torch.func.vjp carries its own differentiation level and works.
@@ -113,7 +116,8 @@ def register_op(name: str, schema_args: Sequence[Tuple[str, str]], reference_fn:
                 for p, a in enumerate(ctx.scalars)]
         backend = args.pop()
         needs = [bool(ctx.needs_input_grad[p]) for p in tensor_pos]
-        grads = backward_op(grad_output.contiguous(), *args, needs, backend)
+        with checks.arguments_checked():  # the forward's arguments, checked then
+            grads = backward_op(grad_output.contiguous(), *args, needs, backend)
         out: List[Optional[torch.Tensor]] = [None] * (len(schema_args) + 1)
         for slot, pos in enumerate(tensor_pos):
             out[pos] = grads[slot] if needs[slot] and args[pos] is not None else None
@@ -167,4 +171,5 @@ def run(name: str, backend: str, tensors: Sequence[Optional[torch.Tensor]], args
         return reference_fn(*args)
     if matmul:
         args = dispatch.autocast_matmul_inputs(args)
-    return custom_op(name)(*args, chosen)
+    with checks.arguments_checked():
+        return custom_op(name)(*args, chosen)
