@@ -62,7 +62,16 @@ def values_checkable() -> bool:
     return not torch.compiler.is_compiling()
 
 
-_checks = threading.local()
+class _CheckState(threading.local):
+    """This thread's check state. Class-level defaults: every attribute exists from the
+    start, so torch.compile's guards on it do not change after the first eager call
+    (a missing attribute would be one guard, a present one another: one recompile)."""
+
+    done_upstream = False
+    right_padded = None
+
+
+_checks = _CheckState()
 
 
 def value_checks_on() -> bool:
