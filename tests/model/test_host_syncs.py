@@ -14,6 +14,11 @@ forward once; neither grows with depth. Before: 29 (torch) and 42 (Triton) for 2
 
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":  # run as a script (the sync table): before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import collections
 import dataclasses
 import traceback
@@ -371,8 +376,6 @@ def count_step_syncs(layers: int, backend: str, packed: bool, check_values: bool
 
 
 if __name__ == "__main__":
-    import os
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     backends = ["torch"] + (["triton"] if _triton_ready() else [])
     print("host syncs of one pretraining step (forward + backward), tiny model")
     print(f"{'layers':>6} {'backend':>7} {'padded+checks':>13} {'padded':>7} "
