@@ -48,11 +48,14 @@ class Unpadded:
         """Packed rows (real tokens, plus filler tokens with ``has_filler``): a static size."""
         return self.indices.shape[0]
 
-    def to(self, *args, **kwargs) -> "Unpadded":
-        """The same layout with its tensors moved (``Tensor.to``'s arguments), so that a
-        collated batch moves with ``{k: v.to(device) for k, v in batch.items()}``."""
-        return replace(self, indices=self.indices.to(*args, **kwargs),
-                       cu_seqlens=self.cu_seqlens.to(*args, **kwargs))
+    def to(self, device, non_blocking: bool = False) -> "Unpadded":
+        """The same layout with its tensors on ``device`` (their dtypes never change), so
+        that a collated batch moves with ``{k: v.to(device) for k, v in batch.items()}``."""
+        if isinstance(device, torch.dtype):
+            raise TypeError("Unpadded.to takes a device: its indices stay int64 and its "
+                            "cu_seqlens int32")
+        return replace(self, indices=self.indices.to(device, non_blocking=non_blocking),
+                       cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Unpadded":
         """For ``DataLoader(pin_memory=True)``."""
