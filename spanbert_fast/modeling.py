@@ -254,6 +254,10 @@ class _SpanBertPreTrainedModel(nn.Module):
         self.config = config
         self.backend = backend
         self.layout = layout
+        if backend != "torch":
+            # Import triton and the kernels now, eagerly: inside torch.compile's trace of
+            # a first forward the import would be a graph break (fullgraph=True fails).
+            ops.dispatch.probe_triton()
         # One batched check of every id, label and SBO target per forward (one host sync);
         # False skips it (SPANBERT_FAST_CHECK_VALUES=0 too): bad values are then not caught.
         self.check_values = True

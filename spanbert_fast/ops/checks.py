@@ -63,12 +63,13 @@ def values_checkable() -> bool:
 
 
 class _CheckState(threading.local):
-    """This thread's check state. Class-level defaults: every attribute exists from the
-    start, so torch.compile's guards on it do not change after the first eager call
-    (a missing attribute would be one guard, a present one another: one recompile)."""
+    """This thread's check state. Every attribute is set on first use in each thread, so
+    torch.compile's guards on it never change kind after the first call (an attribute
+    missing from the instance, then present, would be two guards: one recompile)."""
 
-    done_upstream = False
-    right_padded = None
+    def __init__(self) -> None:
+        self.done_upstream = False
+        self.right_padded = None
 
 
 _checks = _CheckState()

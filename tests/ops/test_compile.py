@@ -80,14 +80,29 @@ def test_compiled_packed_pretraining_step_matches_eager():
     assert_close(got, expected, max_rel=1e-5, name="compiled packed loss")
 
 
-def test_static_shapes_compile_once_for_batches_of_different_lengths():
+@pytest.mark.parametrize("backend", [
+    "torch", pytest.param("triton", marks=pytest.mark.skipif(
+        not sf.ops.dispatch.triton_ops_available(), reason="Triton kernels unavailable"))])
+def test_static_shapes_compile_once_for_batches_of_different_lengths(backend, monkeypatch):
     """Issue 14: SpanMaskingCollator(static_shapes=...) gives batches of different real
     lengths identical shapes and host ints, so a compiled step (what CUDA graphs capture
-    under mode="reduce-overhead") is traced once and replayed."""
+    under mode="reduce-overhead") is traced once and replayed. As in a fresh process:
+    the thread's check state is new, and triton not yet probed when the model is built
+    (the import must happen before the trace, not inside it)."""
     from torch._dynamo.utils import counters
 
+    from spanbert_fast.ops import checks, dispatch
+
+    monkeypatch.setattr(checks, "_checks", type(checks._checks)())
+    if backend == "triton":
+        from spanbert_fast.kernels import _common
+
+        monkeypatch.setattr(_common, "_value_checks", type(_common._value_checks)())
+        monkeypatch.setattr(dispatch, "_triton_probed", False)
+        monkeypatch.setattr(dispatch, "_KERNEL_MODULES", {})
+        monkeypatch.setattr(dispatch, "_kernel_import_errors", {})
     torch.manual_seed(0)
-    model = sf.SpanBertForPreTraining(sf.SpanBertConfig.tiny(), backend="torch").eval()
+    model = sf.SpanBertForPreTraining(sf.SpanBertConfig.tiny(), backend=backend).eval()
     vocab = model.config.vocab_size
     masker = sf.SpanMasker(mask_token_id=4, vocab_size=vocab,
                            is_continuation=torch.zeros(vocab, dtype=torch.bool),
