@@ -135,7 +135,14 @@ def needs_flags(needs_input_grad, names: Sequence[str]) -> List[bool]:
 # synchronisation per call on a GPU. A caller that has checked those values already, in one
 # batched reduction for the whole step (spanbert_fast's models), switches them off for its
 # thread with skip_value_checks(); called on their own the launchers keep checking.
-_value_checks = threading.local()
+class _ValueChecks(threading.local):
+    """Set on first use in each thread, so that torch.compile's guards on it keep one kind."""
+
+    def __init__(self) -> None:
+        self.skipped = False
+
+
+_value_checks = _ValueChecks()
 
 
 def value_checks_enabled() -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 from . import ops
 from .ops import checks
 from .config import SpanBertConfig
-from .padding import Unpadded, pad_rows, positions_of, unpad
+from .padding import Unpadded, gather_rows, pad_rows, positions_of, unpad
 
 __all__ = [
     "SpanBertModel",
@@ -254,6 +254,10 @@ class _SpanBertPreTrainedModel(nn.Module):
         self.config = config
         self.backend = backend
         self.layout = layout
+        if backend != "torch":
+            # Import triton and the kernels now, eagerly: inside torch.compile's trace of
+            # a first forward the import would be a graph break (fullgraph=True fails).
+            ops.dispatch.probe_triton()
         # One batched check of every id, label and SBO target per forward (one host sync);
         # False skips it (SPANBERT_FAST_CHECK_VALUES=0 too): bad values are then not caught.
         self.check_values = True
@@ -380,6 +384,106 @@ def _validate_inputs(config: SpanBertConfig, input_ids, attention_mask, token_ty
             raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
 
 
+def _validate_unpadded(unpadded, batch: int, seq: int, device) -> None:
+    """Types, shapes and devices of a caller's packed layout (``unpadded=``); its values
+    are checked in the batched reduction (:func:`_check_values_once`)."""
+    if not isinstance(unpadded, Unpadded):
+        raise TypeError(f"unpadded must be a spanbert_fast.padding.Unpadded (from "
+                        f"SpanMaskingCollator(packed=True) or padding.unpad_lengths), got "
+                        f"{type(unpadded).__name__}")
+    if (unpadded.batch, unpadded.seq) != (batch, seq):
+        raise ValueError(f"unpadded describes a ({unpadded.batch}, {unpadded.seq}) batch but "
+                         f"input_ids has shape {(batch, seq)}")
+    for name, t, dtypes in (("unpadded.indices", unpadded.indices, (torch.int64,)),
+                            ("unpadded.cu_seqlens", unpadded.cu_seqlens,
+                             (torch.int32, torch.int64))):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in dtypes:
+            what = (f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor)
+                    else type(t).__name__)
+            raise TypeError(f"{name} must be a 1-D {' or '.join(map(str, dtypes))} tensor, "
+                            f"got {what}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but input_ids is on {device} (move "
+                             f"the batch with unpadded.to(device))")
+    if unpadded.cu_seqlens.numel() < batch + 1:
+        raise ValueError(f"unpadded.cu_seqlens must hold at least batch + 1 = {batch + 1} "
+                         f"entries, got {unpadded.cu_seqlens.numel()}")
+    if (isinstance(unpadded.max_seqlen, bool) or not isinstance(unpadded.max_seqlen, int)
+            or unpadded.max_seqlen < 1):
+        raise ValueError(f"unpadded.max_seqlen must be a positive Python int, got "
+                         f"{unpadded.max_seqlen!r}")
+
+
+def _validate_mlm_positions(mlm_positions, labels, batch: int, seq: int, device) -> None:
+    if labels is None:
+        raise ValueError("mlm_positions needs labels (the MLM targets it points at)")
+    if not isinstance(mlm_positions, torch.Tensor) or mlm_positions.dim() != 1 \
+            or mlm_positions.dtype != torch.int64:
+        what = (f"{mlm_positions.dtype} of shape {tuple(mlm_positions.shape)}"
+                if isinstance(mlm_positions, torch.Tensor) else type(mlm_positions).__name__)
+        raise TypeError(f"mlm_positions must be a 1-D int64 tensor of flat positions "
+                        f"row * seq + s, got {what}")
+    if mlm_positions.device != device:
+        raise ValueError(f"mlm_positions is on {mlm_positions.device} but input_ids is on "
+                         f"{device}")
+
+
+def _unpadded_bad_counts(unpadded: Unpadded, valid: Optional[torch.Tensor], batch: int,
+                         seq: int) -> list:
+    """``(message, count of violations)`` of a caller's packed layout, as device tensors
+    for the one batched read. Together they say: ``cu_seqlens`` starts at 0, never
+    decreases, has each row's real length (from the mask) in its first ``batch`` steps,
+    every step at most ``max_seqlen``, and ends at ``total_tokens``; ``indices`` holds
+    exactly the real positions in order, then fillers (``batch * seq``)."""
+    slots = batch * seq
+    cu = unpadded.cu_seqlens.to(torch.int64)
+    steps = cu[1:] - cu[:-1]
+    if valid is not None:
+        lengths = valid.sum(dim=1)
+    else:
+        lengths = torch.full((batch,), seq, dtype=torch.int64, device=cu.device)
+    indices = unpadded.indices
+    top = slots if unpadded.has_filler else slots - 1
+    real = indices < slots
+    flags = (valid.reshape(-1) if valid is not None
+             else torch.ones(slots, dtype=torch.bool, device=cu.device))
+    on_real_token = flags[indices.clamp(0, slots - 1)]
+    order = indices[1:] - indices[:-1]
+    return [
+        (f"unpadded.cu_seqlens must start at 0 and end at total_tokens={indices.numel()}",
+         (cu[0] != 0).to(torch.int64) + (cu[-1] != indices.numel()).to(torch.int64)),
+        (f"unpadded.cu_seqlens must be non-decreasing with steps <= max_seqlen="
+         f"{unpadded.max_seqlen}", ((steps < 0) | (steps > unpadded.max_seqlen)).sum()),
+        ("unpadded.cu_seqlens must hold each row's real length (the attention_mask's row "
+         "sums) in its first batch steps", (steps[:batch] != lengths).sum()),
+        (f"unpadded.indices must lie in [0, {top}]" + (" (batch * seq marks a filler token)"
+                                                        if unpadded.has_filler else ""),
+         ((indices < 0) | (indices > top)).sum()),
+        ("unpadded.indices must be the flat positions row * seq + s of the real tokens "
+         "(attention_mask 1), in order, then the fillers",
+         (real & ~on_real_token).sum() + (order < 0).sum()
+         + ((order == 0) & real[1:]).sum()
+         + (real.sum() != cu[batch]).to(torch.int64)),
+    ]
+
+
+def _mlm_positions_bad_counts(mlm_positions: torch.Tensor, masked: torch.Tensor,
+                              flat_labels: torch.Tensor, slots: int) -> list:
+    """``mlm_positions`` must be exactly the masked positions (labels != -100) in order,
+    then fillers (``batch * seq``, static shapes)."""
+    real = mlm_positions < slots
+    at = flat_labels[mlm_positions.clamp(0, slots - 1)] != -100
+    order = mlm_positions[1:] - mlm_positions[:-1]
+    return [
+        (f"mlm_positions must lie in [0, {slots}] ({slots} = batch * seq marks a filler)",
+         ((mlm_positions < 0) | (mlm_positions > slots)).sum()),
+        ("mlm_positions must be the flat positions row * seq + s of every label != -100, "
+         "in order, then the fillers (batch * seq)",
+         (real & ~at).sum() + (order < 0).sum() + ((order == 0) & real[1:]).sum()
+         + (real.sum() != masked.sum()).to(torch.int64)),
+    ]
+
+
 def _check_input_values(config: SpanBertConfig, input_ids, attention_mask, token_type_ids,
                         position_ids) -> None:
     """The encoder inputs' values, one argument at a time (a host sync each): run only
@@ -412,14 +516,19 @@ class _Checked:
 
 
 def _check_values_once(config: SpanBertConfig, input_ids, attention_mask, valid,
-                       token_type_ids, position_ids, labels=None, sbo_targets=None) -> _Checked:
+                       token_type_ids, position_ids, labels=None, sbo_targets=None,
+                       unpadded: Optional[Unpadded] = None,
+                       mlm_positions: Optional[torch.Tensor] = None) -> _Checked:
     """Every value check of a forward (and of a pretraining step's labels and SBO targets)
     as counts reduced into one tensor, read back in ONE host synchronisation together with
     the sizes the step needs (real tokens, longest row, masked rows), so that the ops and
     the unpadding then read nothing more. When a count is not zero, the per-argument checks
-    run to raise their precise ValueError (the slow path is the error path)."""
+    run to raise their precise ValueError (the slow path is the error path). A caller's
+    packed layout (``unpadded``, ``mlm_positions``) is checked against the mask and the
+    labels in the same read; its counts carry their own message."""
     batch, seq = input_ids.shape
     bad = []
+    labelled = []  # (message, count): checks whose message is known up front
     bad.append(((input_ids < 0) | (input_ids >= config.vocab_size)).sum())
     if token_type_ids is not None:
         bad.append(((token_type_ids < 0) | (token_type_ids >= config.type_vocab_size)).sum())
@@ -439,12 +548,21 @@ def _check_values_once(config: SpanBertConfig, input_ids, attention_mask, valid,
         masked = labels != -100
         bad.append((masked & ((labels < 0) | (labels >= config.vocab_size))).sum())
         sizes.append(masked.sum())
+        if mlm_positions is not None:
+            labelled += _mlm_positions_bad_counts(mlm_positions, masked, labels.reshape(-1),
+                                                  batch * seq)
+    if unpadded is not None:
+        labelled += _unpadded_bad_counts(unpadded, valid, batch, seq)
     if sbo_targets is not None and sbo_targets.numel():
         row, left, right, rel, label = sbo_targets.unbind(1)
         target = left + 1 + rel
+        # label -100: an ignored target (the filler rows of static shapes); its indices
+        # must still be in range (they are gathered), not its span.
+        kept = label != -100
         out_of_range = ((row < 0) | (row >= batch) | (left < 0) | (left >= seq) | (right < 0)
                         | (right >= seq) | (rel < 0) | (rel >= config.sbo_max_targets)
-                        | (label < 0) | (label >= config.vocab_size) | (target >= right))
+                        | (kept & ((label < 0) | (label >= config.vocab_size)
+                                   | (target >= right))))
         bad.append(out_of_range.sum())
         if valid is not None:
             # Boundaries and target on real tokens (clamped reads: a bad index is counted
@@ -452,8 +570,9 @@ def _check_values_once(config: SpanBertConfig, input_ids, attention_mask, valid,
             rows = row.clamp(0, batch - 1)
             real = (valid[rows, left.clamp(0, seq - 1)] & valid[rows, right.clamp(0, seq - 1)]
                     & valid[rows, target.clamp(0, seq - 1)])
-            bad.append((~real).sum())
-    values = torch.stack([t.to(torch.int64) for t in bad + sizes]).tolist()  # the one sync
+            bad.append((kept & ~real).sum())
+    counts = bad + [count for _, count in labelled]
+    values = torch.stack([t.to(torch.int64) for t in counts + sizes]).tolist()  # the one sync
     if any(values[:len(bad)]):
         _check_input_values(config, input_ids, attention_mask, token_type_ids, position_ids)
         if labels is not None:
@@ -462,7 +581,10 @@ def _check_values_once(config: SpanBertConfig, input_ids, attention_mask, valid,
             _check_sbo_values(sbo_targets, batch, seq, config, valid)
         raise ValueError("the batched value check found an out-of-range id, label or SBO "
                          "target that the per-argument checks did not")  # pragma: no cover
-    sizes = values[len(bad):]
+    for (message, _), value in zip(labelled, values[len(bad):len(counts)]):
+        if value:
+            raise ValueError(message)
+    sizes = values[len(counts):]
     right_padded = True
     if valid is not None:
         real_tokens, longest, right_padded = sizes[0], sizes[1], sizes[2] == 0
@@ -514,29 +636,40 @@ class SpanBertModel(_SpanBertPreTrainedModel):
         return_dict: Optional[bool] = None,
         output_attentions: bool = False,
         head_mask: Optional[torch.Tensor] = None,
+        unpadded: Optional[Unpadded] = None,
     ) -> SpanBertModelOutput:
         """``input_ids`` (batch, seq) int; ``attention_mask`` (batch, seq) 0/1 (1 = token);
         ``token_type_ids`` / ``position_ids`` (batch, seq) or (1, seq) int. Returns
         :class:`SpanBertModelOutput` (a tuple of its non-None fields if
         ``return_dict=False``); outputs at padded positions are zeros.
-        ``output_attentions`` and ``head_mask`` are refused with a ValueError."""
+        ``output_attentions`` and ``head_mask`` are refused with a ValueError.
+
+        ``unpadded``: the batch's packed layout, known on the host
+        (:class:`spanbert_fast.padding.Unpadded`, from ``SpanMaskingCollator(packed=True)``
+        or :func:`spanbert_fast.padding.unpad_lengths`): the encoder then runs packed
+        whatever the ``layout`` (under ``torch.compile`` too) and reads nothing from the
+        device to unpad; with ``check_values = False`` a forward reads nothing at all."""
         as_tuple = _check_transformers_options(return_dict, output_attentions, head_mask)
         _validate_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
+        if unpadded is not None:
+            _validate_unpadded(unpadded, *input_ids.shape, input_ids.device)
         checked = None
         if self._reads_values():
             checked = _check_values_once(
                 self.config, input_ids, attention_mask,
                 attention_mask != 0 if attention_mask is not None else None,
-                token_type_ids, position_ids)
+                token_type_ids, position_ids, unpadded=unpadded)
         with ops.values_checked(None if checked is None else checked.right_padded):
             out = self._encode(input_ids, attention_mask, token_type_ids, position_ids,
-                               output_hidden_states, checked)
+                               output_hidden_states, checked, unpadded)
         return out.to_tuple() if as_tuple else out
 
     def _encode(self, input_ids, attention_mask, token_type_ids, position_ids,
-                output_hidden_states, checked: Optional[_Checked]) -> SpanBertModelOutput:
+                output_hidden_states, checked: Optional[_Checked],
+                unpadded: Optional[Unpadded] = None) -> SpanBertModelOutput:
         """The forward once the inputs are checked: ``checked`` holds what the batched
-        check read (None when value checks are off or under torch.compile)."""
+        check read (None when value checks are off or under torch.compile); ``unpadded``
+        the caller's packed layout, if any."""
         batch, seq = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -555,9 +688,9 @@ class SpanBertModel(_SpanBertPreTrainedModel):
                 if checked.real_tokens == valid.numel():
                     valid = None  # no padding: skip the masking work entirely
         collected = [] if output_hidden_states else None
-        if self._runs_packed(input_ids, valid, real_share):
+        if unpadded is not None or self._runs_packed(input_ids, valid, real_share):
             hidden = self._encode_packed(input_ids, token_type_ids, position_ids, valid,
-                                         collected, checked)
+                                         collected, checked, unpadded)
         else:
             hidden = self.embeddings(input_ids, token_type_ids, position_ids)
             keep = None
@@ -591,6 +724,8 @@ class SpanBertModel(_SpanBertPreTrainedModel):
         torch.compile (unpadding has a data-dependent size) keep the padded path whatever
         the layout. On the Triton backend "auto" always packs. On the torch backend it
         packs a batch with padding whose real-token share is below PACK_BELOW_REAL_SHARE:
+        (A caller's ``unpadded`` layout always runs packed, compiled or not: its sizes are
+        host ints, so nothing is data-dependent.)
         the dense layers (~95% of the FLOPs at SpanBERT's lengths) then skip the padding,
         and only attention sees a repadded block. Measured on the 2-core AMD EPYC CPU
         (BERT-base fp32, forward, 16 x 128, one thread, median of 3): packed/padded time
@@ -606,16 +741,19 @@ class SpanBertModel(_SpanBertPreTrainedModel):
         return valid is not None and real_share < PACK_BELOW_REAL_SHARE
 
     def _encode_packed(self, input_ids, token_type_ids, position_ids, valid, collected,
-                       checked: Optional[_Checked] = None):
+                       checked: Optional[_Checked] = None,
+                       where: Optional[Unpadded] = None):
         """Unpad once before the embeddings, run every layer on (total_tokens, hidden) with
         the packed attention, repad once at the end (zeros at padded positions). With the
-        batched check's sizes the unpadding reads nothing from the device."""
-        mask = valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        where = unpad(mask, total_tokens=None if checked is None else checked.real_tokens,
-                      longest=None if checked is None else checked.longest)
+        caller's layout (``where``) or the batched check's sizes the unpadding reads
+        nothing from the device."""
+        if where is None:
+            mask = valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            where = unpad(mask, total_tokens=None if checked is None else checked.real_tokens,
+                          longest=None if checked is None else checked.longest)
 
         def gather(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(-1).index_select(0, where.indices)
+            return gather_rows(t, where)
 
         hidden = self.embeddings(gather(input_ids), gather(token_type_ids), gather(position_ids))
         for layer in self.encoder.layer:
@@ -705,6 +843,13 @@ def _check_sbo_values(sbo_targets: torch.Tensor, batch: int, seq: int, config: S
                       valid: Optional[torch.Tensor]) -> None:
     """The SBO targets' values, column by column (host syncs): run only once
     :func:`_check_values_once` found something wrong, to say exactly what."""
+    kept = sbo_targets[:, 4] != -100  # ignored targets (static shapes' fillers)
+    checks.check_index_range("sbo_targets[:, 0] (row)", sbo_targets[:, 0], 0, batch)
+    checks.check_index_range("sbo_targets[:, 1] (left)", sbo_targets[:, 1], 0, seq)
+    checks.check_index_range("sbo_targets[:, 2] (right)", sbo_targets[:, 2], 0, seq)
+    checks.check_index_range("sbo_targets[:, 3] (rel_pos)", sbo_targets[:, 3], 0,
+                             config.sbo_max_targets)
+    sbo_targets = sbo_targets[kept]
     if sbo_targets.numel() == 0:
         return
     row, left, right, rel, label = sbo_targets.unbind(1)
@@ -766,6 +911,9 @@ class SpanBertForPreTraining(_SpanBertPreTrainedModel):
         sbo_targets: Optional[torch.Tensor] = None,
         return_logits: bool = False,
         output_hidden_states: bool = False,
+        *,
+        unpadded: Optional[Unpadded] = None,
+        mlm_positions: Optional[torch.Tensor] = None,
     ) -> SpanBertPreTrainingOutput:
         """``labels``: (batch, seq) int64 MLM targets, -100 where not masked (transformers'
         convention). ``sbo_targets``: (N, 5) int64 rows ``(row, left, right, rel_pos, label)``:
@@ -774,7 +922,14 @@ class SpanBertForPreTraining(_SpanBertPreTrainedModel):
 
         Every id, label and SBO target is checked in one batched reduction per step (one
         host synchronisation, which also reads the sizes the step needs); then no op reads
-        the device again (``check_values=False`` skips the check)."""
+        the device again (``check_values=False`` skips the check).
+
+        Packed inputs from ``SpanMaskingCollator(packed=True)``: ``unpadded`` (see
+        :meth:`SpanBertModel.forward`) and ``mlm_positions`` ``(M,)`` int64, the flat
+        positions ``row * seq + s`` of the labels != -100 in order (then ``batch * seq``
+        fillers under static shapes). With both the step needs no size from the device:
+        the batched check still runs (one read) unless ``check_values = False``, and then
+        the step reads nothing. SBO targets with label -100 are ignored (fillers)."""
         _validate_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
         batch, seq = input_ids.shape
         if labels is not None:
@@ -788,19 +943,26 @@ class SpanBertForPreTraining(_SpanBertPreTrainedModel):
         valid = attention_mask != 0 if attention_mask is not None else None
         if sbo_targets is not None:
             _validate_sbo_targets(sbo_targets, batch, seq, self.config, valid, input_ids.device)
+        if unpadded is not None:
+            _validate_unpadded(unpadded, batch, seq, input_ids.device)
+        if mlm_positions is not None:
+            _validate_mlm_positions(mlm_positions, labels, batch, seq, input_ids.device)
         checked = None
         if self._reads_values():
             checked = _check_values_once(self.config, input_ids, attention_mask, valid,
-                                         token_type_ids, position_ids, labels, sbo_targets)
+                                         token_type_ids, position_ids, labels, sbo_targets,
+                                         unpadded, mlm_positions)
         with ops.values_checked(None if checked is None else checked.right_padded):
             return self._heads(input_ids, attention_mask, token_type_ids, position_ids, labels,
-                               sbo_targets, return_logits, output_hidden_states, checked)
+                               sbo_targets, return_logits, output_hidden_states, checked,
+                               unpadded, mlm_positions)
 
     def _heads(self, input_ids, attention_mask, token_type_ids, position_ids, labels,
                sbo_targets, return_logits, output_hidden_states,
-               checked: Optional[_Checked]) -> SpanBertPreTrainingOutput:
+               checked: Optional[_Checked], unpadded: Optional[Unpadded] = None,
+               mlm_positions: Optional[torch.Tensor] = None) -> SpanBertPreTrainingOutput:
         out = self.bert._encode(input_ids, attention_mask, token_type_ids, position_ids,
-                                output_hidden_states, checked)
+                                output_hidden_states, checked, unpadded)
         hidden = out.last_hidden_state
         batch, seq, width = hidden.shape
         flat = hidden.reshape(batch * seq, width)
@@ -808,7 +970,17 @@ class SpanBertForPreTraining(_SpanBertPreTrainedModel):
         embeddings = self.bert.embeddings.word_embeddings.weight
 
         mlm_loss = sbo_loss = prediction_logits = sbo_logits = None
-        if labels is not None:
+        if labels is not None and mlm_positions is not None:
+            # The caller's positions: fillers (batch * seq) read the last row and an
+            # ignored label (-100), so the loss is the mean over the real ones.
+            slots = batch * seq
+            mlm_labels = F.pad(labels.reshape(-1), (0, 1), value=-100).index_select(
+                0, mlm_positions)
+            mlm_loss = ops.linear_cross_entropy(
+                heads.predictions.transform_rows(
+                    flat.index_select(0, mlm_positions.clamp(max=slots - 1))),
+                embeddings, heads.predictions.bias, mlm_labels, backend=self.backend)
+        elif labels is not None:
             flat_labels = labels.reshape(-1)
             if checks.values_checkable():
                 rows = positions_of(flat_labels != -100,

@@ -75,7 +75,7 @@ implementations for torch.compile and ``opcheck``):
 from __future__ import annotations
 
 from .._C import load_native_ops
-from .collator import SpanMaskingCollator
+from .collator import SpanMaskingCollator, StaticShapes
 from .reference import reference_span_masking
 from .parameters import IGNORE_INDEX, MAX_SPAN_WORDS_LIMIT, span_length_probabilities
 from .sampler import SpanMasker, SpanMaskingOutput, word_starts
@@ -85,6 +85,7 @@ __all__ = [
     "SpanMasker",
     "SpanMaskingOutput",
     "SpanMaskingCollator",
+    "StaticShapes",
     "reference_span_masking",
     "span_length_probabilities",
     "load_native_ops",

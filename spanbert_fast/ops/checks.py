@@ -62,7 +62,17 @@ def values_checkable() -> bool:
     return not torch.compiler.is_compiling()
 
 
-_checks = threading.local()
+class _CheckState(threading.local):
+    """This thread's check state. Every attribute is set on first use in each thread, so
+    torch.compile's guards on it never change kind after the first call (an attribute
+    missing from the instance, then present, would be two guards: one recompile)."""
+
+    def __init__(self) -> None:
+        self.done_upstream = False
+        self.right_padded = None
+
+
+_checks = _CheckState()
 
 
 def value_checks_on() -> bool:

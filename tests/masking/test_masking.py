@@ -25,6 +25,7 @@ from spanbert_fast.masking import (
     IGNORE_INDEX,
     SpanMasker,
     SpanMaskingCollator,
+    StaticShapes,
     SpanMaskingOutput,
     reference_span_masking,
 )
@@ -898,3 +899,59 @@ def test_reference_checks_its_arguments_like_the_masker(kwargs, text):
     ids = np.array([[CLS, 5, 6, 7, SEP], [CLS, 8, 9, 10, SEP]])
     with pytest.raises(ValueError, match=text):
         reference_span_masking(ids, arguments.pop("attention_mask", None), **arguments)
+
+
+def test_packed_collator_gives_the_layout_the_mask_and_labels_imply(native):
+    """Issue 14: packed=True adds the padding-free layout, built on the host from the row
+    lengths, and the masked positions; the padded batch is unchanged."""
+    generator = torch.Generator().manual_seed(29)
+    sequences = [[CLS] + torch.randint(4, VOCAB_SIZE, (n,), generator=generator).tolist() + [SEP]
+                 for n in (30, 5, 0, 17)]
+    plain = SpanMaskingCollator(make_masker(), pad_token_id=PAD)(sequences)
+    batch = SpanMaskingCollator(make_masker(), pad_token_id=PAD, packed=True)(sequences)
+    for key in plain:
+        assert torch.equal(batch[key], plain[key]), key
+    mask = batch["attention_mask"]
+    where = batch["unpadded"]
+    assert (where.batch, where.seq, where.max_seqlen, where.total_tokens) == (4, 32, 32, 60)
+    assert where.cu_seqlens.dtype == torch.int32 and not where.has_filler
+    assert where.cu_seqlens.tolist() == [0] + torch.cumsum(
+        mask.sum(1), 0).tolist()
+    assert torch.equal(where.indices, mask.reshape(-1).nonzero().squeeze(1))
+    assert torch.equal(batch["mlm_positions"],
+                       (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1))
+    moved = where.to("cpu")
+    assert torch.equal(moved.indices, where.indices) and moved.max_seqlen == 32
+
+
+def test_static_shapes_collator_gives_every_batch_the_same_shapes(native):
+    static = StaticShapes(batch_size=4, max_length=40, tokens_multiple_of=64)
+    collate = SpanMaskingCollator(make_masker(), pad_token_id=PAD, static_shapes=static)
+    generator = torch.Generator().manual_seed(31)
+
+    def examples(*lengths):
+        return [[CLS] + torch.randint(4, VOCAB_SIZE, (n,), generator=generator).tolist()
+                + [SEP] for n in lengths]
+
+    first, second = collate(examples(38, 20, 5, 30)), collate(examples(30, 30, 20))
+    for batch in (first, second):
+        assert batch["input_ids"].shape == (4, 40)
+        assert batch["unpadded"].total_tokens == 128 and batch["unpadded"].has_filler
+        assert batch["unpadded"].cu_seqlens.shape == (4 + static.filler_sequences + 1,)
+        assert batch["mlm_positions"].shape == (4 * 6,) == (batch["sbo_targets"].shape[0],)
+        real = batch["unpadded"].indices < 4 * 40
+        assert torch.equal(batch["unpadded"].indices[real],
+                           batch["attention_mask"].reshape(-1).nonzero().squeeze(1))
+        fillers = batch["sbo_targets"][:, 4] == -100
+        assert fillers.any() and (batch["sbo_targets"][fillers, :4] == 0).all()
+    assert second["attention_mask"][3].sum() == 0, "the short batch's extra row is empty"
+    with pytest.raises(ValueError, match="more than static_shapes.batch_size=4"):
+        collate(examples(3, 3, 3, 3, 3))
+    with pytest.raises(ValueError, match="more than static_shapes.max_length=40"):
+        collate(examples(39))
+    with pytest.raises(ValueError, match="pad_to_multiple_of cannot be combined"):
+        SpanMaskingCollator(make_masker(), static_shapes=static, pad_to_multiple_of=8)
+    with pytest.raises(TypeError, match="static_shapes must be a StaticShapes"):
+        SpanMaskingCollator(make_masker(), static_shapes=(4, 40))
+    with pytest.raises(ValueError, match="static_shapes.max_length"):
+        StaticShapes(batch_size=4, max_length=0)

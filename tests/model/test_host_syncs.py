@@ -1,4 +1,6 @@
-"""Host synchronisations of a step, counted on the CPU.
+"""Host synchronisations of a step, counted on the CPU (run as a script, it prints the
+table of issue 14 for 2 and 24 layers, both backends: a few minutes, mostly the 24-layer
+Triton step in the interpreter).
 
 Every time Python reads a value of a CUDA tensor (``.item()``, ``int(t)``, ``bool(t)``,
 ``.tolist()``, ``nonzero``, boolean-mask indexing, ``repeat_interleave`` without
@@ -14,7 +16,13 @@ forward once; neither grows with depth. Before: 29 (torch) and 42 (Triton) for 2
 
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":  # run as a script (the sync table): before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import collections
+import dataclasses
 import traceback
 
 import pytest
@@ -35,6 +43,15 @@ class HostSyncs(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.where = collections.Counter()
+        self.active = False  # the Tensor.tolist spy counts only inside ``with``
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
 
     def record(self, what: str) -> None:
         frames = [f for f in traceback.extract_stack()
@@ -65,7 +82,8 @@ def count_syncs(monkeypatch):
     tolist = torch.Tensor.tolist
 
     def spy(self):
-        counter.record("Tensor.tolist")
+        if counter.active:
+            counter.record("Tensor.tolist")
         return tolist(self)
 
     monkeypatch.setattr(torch.Tensor, "tolist", spy)
@@ -209,3 +227,164 @@ def test_a_left_padded_mask_known_from_the_batched_check_is_still_refused():
     with ops.values_checked(right_padded=False):
         with pytest.raises(ops.BackendUnavailableError, match="not right padding"):
             ops.attention(q, q, q, key_padding_mask=mask, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------
+# Packed inputs from the collator: the step needs no size from the device.
+# ---------------------------------------------------------------------------------------
+def _collated(config, seed=0, static_shapes=None):
+    """A batch from SpanMaskingCollator(packed=True): three rows of 40, 30 and 17 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    examples = [[2] + torch.randint(5, config.vocab_size, (n - 2,), generator=gen).tolist()
+                + [3] for n in (40, 30, 17)]
+    masker = sf.SpanMasker(mask_token_id=4, vocab_size=config.vocab_size,
+                           is_continuation=torch.zeros(config.vocab_size, dtype=torch.bool),
+                           special_token_ids=[0, 1, 2, 3, 4], seed=seed)
+    batch = sf.SpanMaskingCollator(masker, packed=True, static_shapes=static_shapes)(examples)
+    assert batch["sbo_targets"].shape[0] > 0 and batch["mlm_positions"].numel() > 0
+    return batch
+
+
+STATIC = [None, sf.masking.StaticShapes(batch_size=4, max_length=48, tokens_multiple_of=64)]
+
+
+@pytest.mark.parametrize("static_shapes", STATIC, ids=["packed", "static"])
+@pytest.mark.parametrize("layers", [2, 4])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_packed_pretraining_step_without_value_checks_never_reads_the_device(
+        backend, layers, static_shapes, count_syncs):
+    """Issue 14: given the packed layout from the collator (cu_seqlens, indices and sizes
+    known on the host) and check_values=False, a step (forward + backward) makes 0 host
+    syncs, at any depth. Before: 2 (unpad's nonzero and the masked rows' nonzero)."""
+    config = sf.SpanBertConfig.tiny(num_hidden_layers=layers)
+    model = sf.SpanBertForPreTraining(config, backend=backend).train()
+    model.check_values = False
+    batch = _collated(config, static_shapes=static_shapes)
+    with count_syncs:
+        loss = model(**batch).loss
+        loss.backward()
+    assert count_syncs.total == 0, dict(count_syncs.where)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_packed_inference_forward_without_value_checks_never_reads_the_device(
+        backend, layers, count_syncs):
+    config = sf.SpanBertConfig.tiny(num_hidden_layers=layers)
+    model = sf.SpanBertModel(config, backend=backend).eval()
+    model.check_values = False
+    batch = _collated(config)
+    with torch.no_grad(), count_syncs:
+        model(batch["input_ids"], attention_mask=batch["attention_mask"],
+              unpadded=batch["unpadded"])
+    assert count_syncs.total == 0, dict(count_syncs.where)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checked_packed_step_reads_the_device_once_and_matches_the_padded_step(
+        backend, count_syncs):
+    config = sf.SpanBertConfig.tiny()
+    torch.manual_seed(0)
+    model = sf.SpanBertForPreTraining(config, backend=backend).eval()
+    batch = _collated(config)
+    with count_syncs:
+        packed = model(**batch)
+    assert count_syncs.total == 1, dict(count_syncs.where)
+    padded = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                   sbo_targets=batch["sbo_targets"])
+    torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-6, atol=1e-6)
+
+
+def _broken(batch, what):
+    """A copy of the collated batch with one packed argument made wrong."""
+    batch = dict(batch)
+    where = batch["unpadded"]
+    if what == "cu_seqlens":
+        cu = where.cu_seqlens.clone()
+        cu[1] -= 1  # row 0 is one token shorter than its mask says
+        batch["unpadded"] = dataclasses.replace(where, cu_seqlens=cu)
+    elif what == "indices":
+        indices = where.indices.clone()
+        indices[-1] = where.seq * 2 - 1  # a padded position of row 1
+        batch["unpadded"] = dataclasses.replace(where, indices=indices)
+    elif what == "max_seqlen":
+        batch["unpadded"] = dataclasses.replace(where, max_seqlen=8)
+    elif what == "batch":
+        batch["unpadded"] = dataclasses.replace(where, batch=2)
+    else:
+        batch["mlm_positions"] = batch["mlm_positions"][1:]
+    return batch
+
+
+@pytest.mark.parametrize("what, message", [
+    ("cu_seqlens", "unpadded.cu_seqlens must hold each row's real length"),
+    ("indices", "unpadded.indices must be the flat positions"),
+    ("max_seqlen", "steps <= max_seqlen=8"),
+    ("batch", "unpadded describes a \\(2, 40\\) batch"),
+    ("mlm_positions", "mlm_positions must be the flat positions"),
+])
+def test_bad_packed_input_raises_naming_the_argument(what, message):
+    config = sf.SpanBertConfig.tiny()
+    model = sf.SpanBertForPreTraining(config, backend="torch")
+    with pytest.raises(ValueError, match=message):
+        model(**_broken(_collated(config), what))
+
+
+def test_static_shapes_do_not_change_the_loss():
+    """The fillers (tokens in sequences of their own, MLM positions batch * seq, SBO
+    targets with label -100) add nothing to the loss or the gradients."""
+    config = sf.SpanBertConfig.tiny()
+    torch.manual_seed(0)
+    model = sf.SpanBertForPreTraining(config, backend="torch").eval()
+    plain = _collated(config)
+    static = _collated(config, static_shapes=STATIC[1])
+    assert static["unpadded"].total_tokens == 128 and static["input_ids"].shape == (4, 48)
+    expected = model(**plain).loss
+    got = model(**static).loss
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    expected_grad = torch.autograd.grad(expected, model.bert.embeddings.word_embeddings.weight)
+    got_grad = torch.autograd.grad(model(**static).loss,
+                                   model.bert.embeddings.word_embeddings.weight)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------
+# `python tests/model/test_host_syncs.py`: the table of issue 14's closing note.
+# ---------------------------------------------------------------------------------------
+def count_step_syncs(layers: int, backend: str, packed: bool, check_values: bool) -> int:
+    """Host syncs of one pretraining step (forward + backward) of a tiny model."""
+    config = sf.SpanBertConfig.tiny(num_hidden_layers=layers)
+    model = sf.SpanBertForPreTraining(config, backend=backend).train()
+    model.check_values = check_values
+    batch = _collated(config)
+    if not packed:
+        batch = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "sbo_targets")}
+    counter = HostSyncs()
+    tolist = torch.Tensor.tolist
+
+    def spy(self):
+        if counter.active:
+            counter.record("Tensor.tolist")
+        return tolist(self)
+
+    torch.Tensor.tolist = spy
+    try:
+        with counter:
+            model(**batch).loss.backward()
+    finally:
+        torch.Tensor.tolist = tolist
+    return counter.total
+
+
+if __name__ == "__main__":
+    backends = ["torch"] + (["triton"] if _triton_ready() else [])
+    print("host syncs of one pretraining step (forward + backward), tiny model")
+    print(f"{'layers':>6} {'backend':>7} {'padded+checks':>13} {'padded':>7} "
+          f"{'packed+checks':>13} {'packed':>7}")
+    for layers in (2, 24):
+        for backend in backends:
+            row = [count_step_syncs(layers, backend, packed, check)
+                   for packed in (False, True) for check in (True, False)]
+            print(f"{layers:>6} {backend:>7} " + " ".join(
+                f"{n:>{w}}" for n, w in zip(row, (13, 7, 13, 7))))
