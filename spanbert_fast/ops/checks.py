@@ -70,6 +70,7 @@ class _CheckState(threading.local):
     def __init__(self) -> None:
         self.done_upstream = False
         self.right_padded = None
+        self.arguments_done = False
 
 
 _checks = _CheckState()
@@ -117,7 +118,7 @@ def arguments_checked():
 
 
 def arguments_checked_upstream() -> bool:
-    return bool(getattr(_checks, "arguments_done", False))
+    return _checks.arguments_done
 
 
 def is_right_padding(key_padding_mask: torch.Tensor) -> bool:
