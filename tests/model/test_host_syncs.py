@@ -16,6 +16,8 @@ forward once; neither grows with depth. Before: 29 (torch) and 42 (Triton) for 2
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 if __name__ == "__main__":  # run as a script (the sync table): before triton is imported
@@ -76,9 +78,10 @@ class HostSyncs(TorchDispatchMode):
         return sum(self.where.values())
 
 
-@pytest.fixture
-def count_syncs(monkeypatch):
-    counter = HostSyncs()
+@contextlib.contextmanager
+def tolist_counted(counter: "HostSyncs"):
+    """``Tensor.tolist`` (a device read no dispatch mode sees) counted by ``counter`` while
+    it is active, within the block."""
     tolist = torch.Tensor.tolist
 
     def spy(self):
@@ -86,8 +89,17 @@ def count_syncs(monkeypatch):
             counter.record("Tensor.tolist")
         return tolist(self)
 
-    monkeypatch.setattr(torch.Tensor, "tolist", spy)
-    return counter
+    torch.Tensor.tolist = spy
+    try:
+        yield counter
+    finally:
+        torch.Tensor.tolist = tolist
+
+
+@pytest.fixture
+def count_syncs():
+    with tolist_counted(HostSyncs()) as counter:
+        yield counter
 
 
 def _batch(config, seed=0):
@@ -360,20 +372,8 @@ def count_step_syncs(layers: int, backend: str, packed: bool, check_values: bool
     batch = _collated(config)
     if not packed:
         batch = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "sbo_targets")}
-    counter = HostSyncs()
-    tolist = torch.Tensor.tolist
-
-    def spy(self):
-        if counter.active:
-            counter.record("Tensor.tolist")
-        return tolist(self)
-
-    torch.Tensor.tolist = spy
-    try:
-        with counter:
-            model(**batch).loss.backward()
-    finally:
-        torch.Tensor.tolist = tolist
+    with tolist_counted(HostSyncs()) as counter, counter:
+        model(**batch).loss.backward()
     return counter.total
 
 
