@@ -211,7 +211,7 @@ def attention(
 
 def _run_attention(backend: str, args: tuple) -> torch.Tensor:
     """Attention's dispatch: the Triton path goes through the flash-attention custom ops
-    (forward saves lse); the torch path is :mod:`spanbert_fast.torch_backend`. A padded
+    (forward saves lse); the torch path is :mod:`spanbert_fast.ops.torch_backend`. A padded
     mask the kernel cannot read (not right padding) is refused under an explicit
     "triton" and falls back to torch under "auto"."""
     q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p = args

@@ -1,6 +1,6 @@
 """The fast plain-PyTorch backend, for every device: what ``backend="torch"`` runs.
 
-:mod:`spanbert_fast.reference` is the oracle: simple, obviously right, upcast to fp32, and
+:mod:`spanbert_fast.ops.reference` is the oracle: simple, obviously right, upcast to fp32, and
 what every test compares against. This module is the backend a user runs on a CPU (or a
 GPU without Triton), so it is written for speed with the same results within rounding:
 
@@ -47,7 +47,7 @@ def _sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_padding_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
               max_seqlen: int, softmax_scale: float, dropout_p: float) -> torch.Tensor:
-    """Bidirectional attention, arguments as :func:`spanbert_fast.reference.attention`
+    """Bidirectional attention, arguments as :func:`spanbert_fast.ops.reference.attention`
     (already validated by :func:`spanbert_fast.ops.attention`).
 
     Padded: ``q, k, v`` ``(batch, heads, seq, head_dim)`` with ``key_padding_mask``
