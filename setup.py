@@ -335,7 +335,7 @@ setup(
     # The real-length cases' WordPiece vocabulary (benchmarks/cases/real_text.py).
     package_data={"spanbert_fast.benchmarks": ["data/*.txt"],
                   # the attention autotuners' per-arch prune table (kernels/attention.py)
-                  "spanbert_fast.kernels": ["attention_spills.json"]},
+                  "spanbert_fast.kernels": ["attention_spills-triton*.json"]},
     entry_points={"console_scripts": ["spanbert-fast = spanbert_fast.train.cli:main"]},
     install_requires=[
         "torch>=2.6",

@@ -559,8 +559,8 @@ def _autotuned(row: Dict[str, Any]) -> bool:
 
 def _arch_pruned(row: Dict[str, Any]) -> bool:
     """A config of an autotuned attention kernel, whose launcher prunes per arch the
-    configs this audit saw spill there (kernels/attention_spills.json); every other
-    kernel's configs must each compile cleanly."""
+    configs this audit saw spill there (kernels/attention_spills-triton<version>.json);
+    every other kernel's configs must each compile cleanly."""
     return row["op"] == "attention" and _autotuned(row)
 
 
@@ -779,12 +779,22 @@ def _parse_archs(text: str) -> List[int]:
     return archs
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--jobs takes a positive integer, got {text!r}")
+    return value
+
+
 def build_parser(prog: str = "python -m benchmarks.audit") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=_parse_archs, default=None,
                         help="comma list of sm_80, sm_90, sm_100 (default: all that the "
                              "installed triton compiles for)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1,
                         help="compile processes side by side (default: one per CPU)")
     parser.add_argument("--subset", action="store_true",
                         help="only the representative subset the CI gates compile")
@@ -805,7 +815,7 @@ def build_parser(prog: str = "python -m benchmarks.audit") -> argparse.ArgumentP
     parser.add_argument("--write-spill-table", metavar="PATH", default=None,
                         help="write the attention autotuners' prune table (the configs "
                              "that spill, per arch) from this audit to PATH, e.g. "
-                             "kernels/attention_spills.json")
+                             "kernels/attention_spills-triton<version>.json")
     parser.add_argument("--input", metavar="AUDIT.json", default=None,
                         help="check the gates / --compare on this audit instead of compiling")
     return parser
@@ -828,6 +838,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks
     with ``--gates``, a gate fails."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.write_spill_table is not None:
+        folder = os.path.dirname(os.path.abspath(args.write_spill_table))
+        if not os.path.isdir(folder):
+            parser.error(f"--write-spill-table {args.write_spill_table}: no folder {folder}")
     baseline = None
     if args.compare is not None:
         baseline = _read_audit_file(parser, "--compare", args.compare)
@@ -849,8 +863,6 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m benchmarks
         parser.error(f"triton {triton.__version__} cannot compile for "
                      f"{', '.join(f'sm_{a}' for a in unsupported)}")
     cases = [c for c in all_cases() if c.representative or not args.subset]
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     doc = run_audit(cases, archs, log=lambda line: print(line, file=sys.stderr, flush=True),
                     jobs=args.jobs)
     if args.json is not None:

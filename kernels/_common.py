@@ -146,7 +146,12 @@ _value_checks = _ValueChecks()
 
 
 def value_checks_enabled() -> bool:
-    return not getattr(_value_checks, "skipped", False)
+    """Whether a launcher may read tensor values to check them: not inside
+    skip_value_checks(), and never while a CUDA graph is being captured (a device read
+    there is an error, and the step's values are the caller's to check)."""
+    if getattr(_value_checks, "skipped", False):
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 @contextlib.contextmanager

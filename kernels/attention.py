@@ -77,18 +77,24 @@ CONFIGS = {
 # sequences of 64..130 still span several tiles with partial last tiles.
 _INTERPRETER_CONFIG = (32, 32, 1, 1)
 _DELTA_BLOCK_M = 32 if _INTERPRET else 64
-# The committed spill table (kernels/attention_spills.json, written by
-# ``python -m benchmarks.audit --write-spill-table``): spill bytes per
-# (kernel, arch, dtype, BLOCK_D, VARLEN, HAS_DROPOUT, BLOCK_M, BLOCK_N, warps, stages).
-_SPILLS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_spills.json")
+# The committed spill table of the installed triton (register allocation differs between
+# versions: kernels/attention_spills-triton<version>.json, written by ``python -m
+# benchmarks.audit --write-spill-table``): spill bytes per (kernel, arch, dtype, BLOCK_D,
+# VARLEN, HAS_DROPOUT, BLOCK_M, BLOCK_N, warps, stages). A triton without a table prunes
+# nothing by arch: the autotuner then times every config of the dtype class.
+_SPILLS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                            f"attention_spills-triton{triton.__version__}.json")
 
 
 def _load_spills() -> Dict[tuple, int]:
     try:
         with open(_SPILLS_FILE, encoding="utf-8") as handle:
-            entries = json.load(handle)["spills"]
-    except (OSError, ValueError, KeyError):
-        return {}  # no table: nothing is pruned by arch
+            table = json.load(handle)
+        if table["triton"] != triton.__version__:
+            return {}
+        entries = table["spills"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # no table for this triton: nothing is pruned by arch
     return {tuple(entry[:-1]): int(entry[-1]) for entry in entries}
 
 

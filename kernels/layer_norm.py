@@ -161,7 +161,8 @@ def _layer_norm_backward_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------
 def _check_inputs(x, weight, bias, eps, residual) -> int:
-    """Validate the forward's arguments; returns the hidden size."""
+    """Validate the forward's arguments (``eps`` None: the backward's, which has none);
+    returns the hidden size."""
     check_float_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., hidden), got a scalar")
@@ -177,7 +178,7 @@ def _check_inputs(x, weight, bias, eps, residual) -> int:
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, "
                              f"got {tuple(residual.shape)}")
-    if not isinstance(eps, (int, float)) or not float(eps) > 0.0:
+    if eps is not None and (not isinstance(eps, (int, float)) or not float(eps) > 0.0):
         raise ValueError(f"eps must be a float > 0, got {eps!r}")
     devices = {t.device for t in (x, weight, bias, residual) if t is not None}
     if len(devices) > 1:
@@ -200,7 +201,7 @@ def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
 
 
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                       residual: Optional[torch.Tensor]
+                       residual: Optional[torch.Tensor], *, check_arguments: bool = True
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, rstd)``: ``y = LayerNorm(x + residual) * weight + bias`` over the last
     dim, and each row's statistics for :func:`layer_norm_backward`.
@@ -209,9 +210,11 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     dtype) or None; ``weight``, ``bias``: ``(hidden,)``. ``y``: ``x``'s shape, contiguous,
     in the dtype of ``x + residual`` (type promotion; ``x``'s dtype without a residual).
     ``mean``, ``rstd`` (``1 / sqrt(var + eps)``): ``x.shape[:-1]``, fp32 (fp64 when
-    ``x + residual`` is fp64). Arguments are checked by the caller (the public op, or
-    :func:`forward`).
+    ``x + residual`` is fp64). ``check_arguments=False``: the caller checked them (the
+    public op does, once).
     """
+    if check_arguments:
+        _check_inputs(x, weight, bias, eps, residual)
     hidden = x.shape[-1]
     x2 = _rows(x, hidden)
     r2 = _rows(residual, hidden) if residual is not None else x2
@@ -237,7 +240,8 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def layer_norm_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor, residual: Optional[torch.Tensor],
                         mean: torch.Tensor, rstd: torch.Tensor,
-                        needs_input_grad: Sequence[bool]) -> List[torch.Tensor]:
+                        needs_input_grad: Sequence[bool], *, check_arguments: bool = True
+                        ) -> List[torch.Tensor]:
     """Gradients ``[dx, dweight, dbias, dresidual]`` of :func:`layer_norm_forward`, from
     its saved ``mean`` and ``rstd`` (no statistics recomputed).
 
@@ -245,8 +249,12 @@ def layer_norm_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torc
     residual). Each gradient has its input's shape and dtype; where it is not needed, or
     ``residual`` is None, a 0-element tensor stands in. ``dx`` and ``dresidual`` hold equal
     values in separate tensors (a custom op may not return aliases). ``bias`` gives only
-    the dtype of ``dbias``.
+    the dtype of ``dbias``. ``check_arguments=False``: the caller checked them.
     """
+    if check_arguments:
+        _check_inputs(x, weight, bias, None, residual)
+        check_grad_output(grad_output, x, "x")
+        needs_input_grad = needs_flags(needs_input_grad, ("x", "weight", "bias", "residual"))
     hidden = x.shape[-1]
     need_dx, need_dweight, need_dbias, need_dresidual = (bool(n) for n in needs_input_grad)
     need_dresidual = need_dresidual and residual is not None
@@ -305,7 +313,6 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
             residual: Optional[torch.Tensor]) -> torch.Tensor:
     """``y`` of :func:`layer_norm_forward`, its arguments checked first (TypeError /
     ValueError naming the argument): for callers outside ``spanbert_fast.ops``."""
-    _check_inputs(x, weight, bias, eps, residual)
     return layer_norm_forward(x, weight, bias, eps, residual)[0]
 
 
@@ -323,8 +330,9 @@ def backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     _check_inputs(x, weight, bias, eps, residual)
     check_grad_output(grad_output, x, "x")
     needs = needs_flags(needs_input_grad, ("x", "weight", "bias", "residual"))
-    _, mean, rstd = layer_norm_forward(x, weight, bias, eps, residual)
-    return layer_norm_backward(grad_output, x, weight, bias, residual, mean, rstd, needs)
+    _, mean, rstd = layer_norm_forward(x, weight, bias, eps, residual, check_arguments=False)
+    return layer_norm_backward(grad_output, x, weight, bias, residual, mean, rstd, needs,
+                               check_arguments=False)
 
 
 def not_supported_reasons(tensors: Sequence[torch.Tensor]) -> List[str]:

@@ -246,7 +246,8 @@ def _check_epilogue_inputs(z, bias, ln_weight, eps, table, table_index) -> int:
         check_float_tensor(name, t)
         if tuple(t.shape) != (width,):
             raise ValueError(f"{name} must have shape ({width},), got {tuple(t.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not float(eps) > 0.0:
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                            or not float(eps) > 0.0):
         raise ValueError(f"eps must be a float > 0, got {eps!r}")
     if (table is None) != (table_index is None):
         raise ValueError("table and table_index must be given together")
@@ -436,7 +437,8 @@ def _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table,
             raise ValueError(f"{name} must have shape ({width},), got {tuple(t.shape)}")
     if triton.next_power_of_2(max(width, 1)) > _MAX_BLOCK_N:
         raise ValueError(f"hidden's width {width} is too large for the fused epilogue")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not float(eps) > 0.0:
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                            or not float(eps) > 0.0):
         raise ValueError(f"eps must be a float > 0, got {eps!r}")
     tensors = dict(hidden=hidden, left_index=left_index, right_index=right_index,
                    rel_pos=rel_pos, position_table=position_table, w1=w1, b1=b1,
@@ -492,7 +494,8 @@ def span_boundary_head_forward(
     hidden: torch.Tensor, left_index: torch.Tensor, right_index: torch.Tensor,
     rel_pos: torch.Tensor, position_table: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
     ln1_weight: torch.Tensor, ln1_bias: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-    ln2_weight: torch.Tensor, ln2_bias: torch.Tensor, eps: float,
+    ln2_weight: torch.Tensor, ln2_bias: torch.Tensor, eps: float, *,
+    check_arguments: bool = True,
 ) -> Tuple[torch.Tensor, ...]:
     """The SBO MLP and what its backward needs: ``(out, *saved)``, ``saved`` named by
     :data:`SAVED_FOR_BACKWARD`.
@@ -502,12 +505,17 @@ def span_boundary_head_forward(
     ``w1``: ``(H, 2H + E)``, ``w2``: ``(H, H)`` (position_table, w1 and w2 in hidden's
     dtype, or fp32 with fp16/bf16 hidden: autocast's layout, the GEMMs then run in
     hidden's dtype); ``b1``, ``b2`` and the LayerNorm parameters: ``(H,)`` any float dtype.
-    Arguments are checked by the caller (the public op, or :func:`forward`).
+    ``check_arguments=False``: the caller checked them (the public op does, once); else
+    they are checked here, index ranges too unless the caller checked those
+    (``skip_value_checks``).
 
     ``out`` ``(N, H)``, and ``gathered`` ``(N, 2H)``, ``z1`` ``(N, H)``, ``projection``
     ``(P, H)``, ``y1`` ``(N, H)``, ``z2`` ``(N, H)``, all in hidden's dtype; ``mean1``,
     ``rstd1``, ``mean2``, ``rstd2`` ``(N,)`` fp32 (fp64 for fp64).
     """
+    if check_arguments:
+        _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table, w1, b1,
+                           ln1_weight, ln1_bias, w2, b2, ln2_weight, ln2_bias, eps)
     with torch.no_grad():
         position_table, w1, w2 = _gemm_operands(hidden, position_table, w1, w2)
         gathered, z1, projection = _first_layer(
@@ -526,7 +534,7 @@ def span_boundary_head_backward(
     w2: torch.Tensor, b2: torch.Tensor, ln2_weight: torch.Tensor, ln2_bias: torch.Tensor,
     gathered: torch.Tensor, z1: torch.Tensor, projection: torch.Tensor, y1: torch.Tensor,
     z2: torch.Tensor, mean1: torch.Tensor, rstd1: torch.Tensor, mean2: torch.Tensor,
-    rstd2: torch.Tensor, needs_input_grad: Sequence[bool],
+    rstd2: torch.Tensor, needs_input_grad: Sequence[bool], *, check_arguments: bool = True,
 ) -> List[torch.Tensor]:
     """Gradients of :func:`span_boundary_head_forward` from its saved tensors: no forward
     GEMM, gather or statistics reduction runs again. One gradient per tensor argument
@@ -534,7 +542,19 @@ def span_boundary_head_backward(
     tensor where no gradient is needed, and always for the three integer index tensors.
 
     ``grad_output``: ``(N, H)``. ``needs_input_grad``: 13 bools in the same order.
+    ``check_arguments=False``: the caller checked them (the forward's arguments, here
+    without their index ranges, which the forward checked).
     """
+    if check_arguments:
+        _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table, w1, b1,
+                           ln1_weight, ln1_bias, w2, b2, ln2_weight, ln2_bias, None,
+                           values=False)
+        n, width = left_index.shape[0], hidden.shape[1]
+        check_float_tensor("grad_output", grad_output, ndim=2)
+        if tuple(grad_output.shape) != (n, width):
+            raise ValueError(f"grad_output must have shape ({n}, {width}), "
+                             f"got {tuple(grad_output.shape)}")
+        needs_input_grad = needs_flags(needs_input_grad, TENSOR_ARGUMENTS)
     need = dict(zip(TENSOR_ARGUMENTS, (bool(n) for n in needs_input_grad)))
     for name in ("left_index", "right_index", "rel_pos"):
         need[name] = False
@@ -619,8 +639,6 @@ def forward(hidden: torch.Tensor, left_index: torch.Tensor, right_index: torch.T
     """``out`` ``(N, H)`` of :func:`span_boundary_head_forward`, its arguments checked
     first (index ranges too, unless the caller checked them: ``skip_value_checks``), for
     callers outside ``spanbert_fast.ops``."""
-    _check_head_inputs(hidden, left_index, right_index, rel_pos, position_table, w1, b1,
-                       ln1_weight, ln1_bias, w2, b2, ln2_weight, ln2_bias, eps)
     return span_boundary_head_forward(hidden, left_index, right_index, rel_pos,
                                       position_table, w1, b1, ln1_weight, ln1_bias, w2, b2,
                                       ln2_weight, ln2_bias, eps)[0]
@@ -649,8 +667,9 @@ def backward(grad_output: torch.Tensor, hidden: torch.Tensor, left_index: torch.
         raise ValueError(f"grad_output must have shape ({n}, {width}), "
                          f"got {tuple(grad_output.shape)}")
     needs = needs_flags(needs_input_grad, TENSOR_ARGUMENTS)
-    _, *saved = span_boundary_head_forward(*args, eps)
-    return span_boundary_head_backward(grad_output, *args, *saved, needs)
+    _, *saved = span_boundary_head_forward(*args, eps, check_arguments=False)
+    return span_boundary_head_backward(grad_output, *args, *saved, needs,
+                                       check_arguments=False)
 
 
 def not_supported_reasons(tensors: Sequence[torch.Tensor]) -> List[str]:

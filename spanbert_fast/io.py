@@ -54,6 +54,11 @@ def atomic_write_all(files: "list[tuple[str, Callable[[str], None]]]") -> None:
     temps: "list[tuple[str, str]]" = []
     try:
         for path, write in files:
+            if os.path.exists(path) and not os.path.isfile(path):
+                # A device or pipe (--json /dev/null): written to, never replaced by a
+                # regular file (renaming over /dev/null would break it for everyone).
+                write(path)
+                continue
             temps.append((_write_temp(path, write), path))
     except BaseException:
         for tmp, _ in temps:

@@ -69,7 +69,7 @@ implementations for torch.compile and ``opcheck``):
   ``philox4x32_10(counter, key)`` exposes the generator for its known-answer test.
 
 :func:`word_starts` finds word starts from a vocabulary table (compiled op on CPU/CUDA,
-:func:`_word_starts_torch` otherwise, identical results).
+:func:`.sampler._word_starts_torch` otherwise, identical results).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import dispatch, reference
+from . import checks, dispatch, reference
 from .checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
 from .registration import register_composite
 
@@ -41,8 +41,9 @@ def _layer_norm_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, rstd)``; ``mean``, ``rstd``: ``x.shape[:-1]``, the statistics dtype."""
     with dispatch.without_autocast(x):
-        return dispatch.kernel_module("layer_norm").layer_norm_forward(x, weight, bias, eps,
-                                                                       residual)
+        return dispatch.kernel_module("layer_norm").layer_norm_forward(
+            x, weight, bias, eps, residual,
+            check_arguments=not checks.arguments_checked_upstream())
 
 
 @_layer_norm_forward.register_fake
@@ -64,7 +65,8 @@ def _layer_norm_backward(
     """``[dx, dweight, dbias, dresidual]``, a 0-element tensor where not needed."""
     with dispatch.without_autocast(grad_output):
         return dispatch.kernel_module("layer_norm").layer_norm_backward(
-            grad_output, x, weight, bias, residual, mean, rstd, needs_input_grad)
+            grad_output, x, weight, bias, residual, mean, rstd, needs_input_grad,
+            check_arguments=not checks.arguments_checked_upstream())
 
 
 @_layer_norm_backward.register_fake
@@ -84,8 +86,9 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, bias, residual, mean, rstd = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) for i in (0, 1, 2, 4)]
     needs[3] = needs[3] and residual is not None
-    dx, dweight, dbias, dresidual = _layer_norm_backward(
-        grad_y.contiguous(), x, weight, bias, residual, mean, rstd, needs)
+    with checks.arguments_checked():  # the forward's, checked then
+        dx, dweight, dbias, dresidual = _layer_norm_backward(
+            grad_y.contiguous(), x, weight, bias, residual, mean, rstd, needs)
     return (dx if needs[0] else None, dweight if needs[1] else None,
             dbias if needs[2] else None, None, dresidual if needs[3] else None)
 
@@ -126,7 +129,8 @@ def layer_norm(
     tensors = [t for t in (x, weight, bias, residual) if t is not None]
     if dispatch.resolve_backend(backend, "layer_norm", tensors) == "torch":
         return reference.layer_norm(x, weight, bias, float(eps), residual)
-    return _layer_norm_forward(x, weight, bias, float(eps), residual)[0]
+    with checks.arguments_checked():
+        return _layer_norm_forward(x, weight, bias, float(eps), residual)[0]
 
 
 register_composite(

@@ -17,6 +17,8 @@ runs through the reference or the dedicated ops and nothing is recomputed.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -109,6 +111,10 @@ def register_op(name: str, schema_args: Sequence[Tuple[str, str]], reference_fn:
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*[inputs[p] for p in tensor_pos])
         ctx.scalars = [None if p in tensor_pos else a for p, a in enumerate(inputs)]
+        # Whether the forward ran inside values_checked() (the models' one batched check):
+        # the backward runs after that block, on the autograd thread on CUDA, so it
+        # re-enters it rather than reading the values again (a host sync).
+        ctx.values_done = not checks.value_checks_on() and checks.values_checkable()
 
     def backward(ctx, grad_output):
         saved = iter(ctx.saved_tensors)
@@ -116,7 +122,8 @@ def register_op(name: str, schema_args: Sequence[Tuple[str, str]], reference_fn:
                 for p, a in enumerate(ctx.scalars)]
         backend = args.pop()
         needs = [bool(ctx.needs_input_grad[p]) for p in tensor_pos]
-        with checks.arguments_checked():  # the forward's arguments, checked then
+        values = checks.values_checked() if ctx.values_done else contextlib.nullcontext()
+        with checks.arguments_checked(), values:  # the forward's arguments, checked then
             grads = backward_op(grad_output.contiguous(), *args, needs, backend)
         out: List[Optional[torch.Tensor]] = [None] * (len(schema_args) + 1)
         for slot, pos in enumerate(tensor_pos):

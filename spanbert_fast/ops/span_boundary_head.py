@@ -21,7 +21,7 @@ from typing import List, Tuple
 
 import torch
 
-from . import dispatch, reference
+from . import checks, dispatch, reference
 from .checks import (FLOAT_DTYPES, check_index_range, check_matmul_dtypes, check_same_device,
                      check_shape, check_tensor)
 from .registration import register_composite
@@ -47,7 +47,8 @@ def _span_boundary_head_forward(
     with dispatch.without_autocast(hidden):
         return tuple(dispatch.kernel_module("span_boundary_head").span_boundary_head_forward(
             hidden, left_index, right_index, rel_pos, position_table, w1, b1, ln1_weight,
-            ln1_bias, w2, b2, ln2_weight, ln2_bias, eps))
+            ln1_bias, w2, b2, ln2_weight, ln2_bias, eps,
+            check_arguments=not checks.arguments_checked_upstream()))
 
 
 @_span_boundary_head_forward.register_fake
@@ -78,7 +79,8 @@ def _span_boundary_head_backward(
         return dispatch.kernel_module("span_boundary_head").span_boundary_head_backward(
             grad_output, hidden, left_index, right_index, rel_pos, position_table, w1, b1,
             ln1_weight, ln1_bias, w2, b2, ln2_weight, ln2_bias, gathered, z1, projection, y1,
-            z2, mean1, rstd1, mean2, rstd2, needs_input_grad)
+            z2, mean1, rstd1, mean2, rstd2, needs_input_grad,
+            check_arguments=not checks.arguments_checked_upstream())
 
 
 @_span_boundary_head_backward.register_fake
@@ -99,7 +101,8 @@ def _backward(ctx, grad_out, *_grad_saved):
     tensors = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) and i not in _INDEX_POSITIONS
              for i in range(_TENSORS)]
-    grads = _span_boundary_head_backward(grad_out.contiguous(), *tensors, needs)
+    with checks.arguments_checked():  # the forward's, checked then
+        grads = _span_boundary_head_backward(grad_out.contiguous(), *tensors, needs)
     return (*[g if need else None for g, need in zip(grads, needs)], None)
 
 
@@ -163,7 +166,8 @@ def span_boundary_head(
     if chosen == "torch":
         return reference.span_boundary_head(*args)
     # Autocast casts an nn.Linear's operands but never a custom op's: cast them here.
-    return _span_boundary_head_forward(*dispatch.autocast_matmul_inputs(args))[0]
+    with checks.arguments_checked():
+        return _span_boundary_head_forward(*dispatch.autocast_matmul_inputs(args))[0]
 
 
 register_composite("span_boundary_head", _SCHEMA, reference.span_boundary_head,

@@ -588,3 +588,21 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
     os.umask(umask)
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_atomic_write_writes_into_a_device_or_pipe_instead_of_replacing_it(tmp_path):
+    """``--json /dev/null`` and the like: a target that exists and is not a regular file
+    is written to, never renamed over (that would turn /dev/null into a file)."""
+    import stat
+
+    from spanbert_fast.io import atomic_write
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    seen = []
+    atomic_write(str(fifo), lambda path: seen.append(path))
+    assert seen == [str(fifo)]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    regular = tmp_path / "file.txt"
+    atomic_write(str(regular), lambda path: open(path, "w").write("x"))
+    assert regular.read_text() == "x"

@@ -279,6 +279,23 @@ def test_a_packed_pretraining_step_without_value_checks_never_reads_the_device(
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_fp16_autocast_the_step_still_never_reads_the_device(backend, count_syncs):
+    """The fp16 linear cross-entropy takes the loss-scaled path, whose backward runs after
+    the forward's values_checked() block (on the autograd thread, on CUDA): it must not
+    check the labels again. Before: 2 syncs (one tolist per loss) on the Triton path."""
+    config = sf.SpanBertConfig.tiny(num_hidden_layers=2)
+    model = sf.SpanBertForPreTraining(config, backend=backend).train()
+    model.check_values = False
+    batch = _collated(config)
+    with count_syncs:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(**batch).loss
+        loss.backward()
+    assert count_syncs.total == 0, dict(count_syncs.where)
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("layers", [2, 4])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_packed_inference_forward_without_value_checks_never_reads_the_device(

@@ -69,3 +69,61 @@ def test_linear_cross_entropy_launchers_skip_the_checks_the_public_op_ran(monkey
     torch.ops.spanbert_fast.fused_linear_cross_entropy(hidden.detach(), weight.detach(), None,
                                                        labels, -100, False)
     assert len(calls) == 1
+
+
+def _count(monkeypatch, module_name, function_name):
+    module = ops.dispatch.kernel_module(module_name)
+    calls = []
+    original = getattr(module, function_name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, function_name, counted)
+    return calls
+
+
+def test_layer_norm_launchers_skip_the_checks_the_public_op_ran(monkeypatch):
+    calls = _count(monkeypatch, "layer_norm", "_check_inputs")
+    x = torch.randn(5, 8, requires_grad=True)
+    weight, bias = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    ops.layer_norm(x, weight, bias, 1e-12, residual=torch.randn(5, 8),
+                   backend="triton").sum().backward()
+    assert calls == []
+    # Called directly, the dedicated op checks (a short weight would be read out of bounds).
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        torch.ops.spanbert_fast.layer_norm_forward(x.detach(), weight.detach()[:4],
+                                                   bias.detach(), 1e-12, None)
+    y, mean, rstd = torch.ops.spanbert_fast.layer_norm_forward(
+        x.detach(), weight.detach(), bias.detach(), 1e-12, None)
+    with pytest.raises(ValueError, match="grad_output must have x's shape"):
+        torch.ops.spanbert_fast.layer_norm_backward(
+            y[:2], x.detach(), weight.detach(), bias.detach(), None, mean, rstd,
+            [True, True, True, False])
+    assert len(calls) == 3
+
+
+def _head_args(rel_pos_value=1):
+    torch.manual_seed(0)
+    width, positions = 8, 3
+    hidden = torch.randn(6, width, requires_grad=True)
+    left, right = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
+    rel = torch.full((3,), rel_pos_value, dtype=torch.int64)
+    params = [torch.randn(positions, 4), torch.randn(width, 2 * width + 4),
+              torch.randn(width), torch.randn(width) + 1, torch.randn(width),
+              torch.randn(width, width), torch.randn(width), torch.randn(width) + 1,
+              torch.randn(width)]
+    return [hidden, left, right, rel, *[p.requires_grad_() for p in params]]
+
+
+def test_span_boundary_head_launchers_skip_the_checks_the_public_op_ran(monkeypatch):
+    calls = _count(monkeypatch, "span_boundary_head", "_check_head_inputs")
+    args = _head_args()
+    ops.span_boundary_head(*args, 1e-12, backend="triton").sum().backward()
+    assert calls == []
+    # Called directly, the dedicated op checks, index ranges included.
+    bad = [a.detach() for a in _head_args(rel_pos_value=7)]
+    with pytest.raises(ValueError, match=r"rel_pos values must lie in \[0, 3\)"):
+        torch.ops.spanbert_fast.span_boundary_head_forward(*bad, 1e-12)
+    assert len(calls) == 1
