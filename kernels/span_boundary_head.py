@@ -661,15 +661,9 @@ def backward(grad_output: torch.Tensor, hidden: torch.Tensor, left_index: torch.
     args = (hidden, left_index, right_index, rel_pos, position_table, w1, b1, ln1_weight,
             ln1_bias, w2, b2, ln2_weight, ln2_bias)
     _check_head_inputs(*args, eps, values=False)
-    n, width = left_index.shape[0], hidden.shape[1]
-    check_float_tensor("grad_output", grad_output, ndim=2)
-    if tuple(grad_output.shape) != (n, width):
-        raise ValueError(f"grad_output must have shape ({n}, {width}), "
-                         f"got {tuple(grad_output.shape)}")
-    needs = needs_flags(needs_input_grad, TENSOR_ARGUMENTS)
     _, *saved = span_boundary_head_forward(*args, eps, check_arguments=False)
-    return span_boundary_head_backward(grad_output, *args, *saved, needs,
-                                       check_arguments=False)
+    # Checks grad_output and needs_input_grad (and the arguments' layout once more).
+    return span_boundary_head_backward(grad_output, *args, *saved, needs_input_grad)
 
 
 def not_supported_reasons(tensors: Sequence[torch.Tensor]) -> List[str]:
