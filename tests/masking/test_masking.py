@@ -632,7 +632,7 @@ CONSTRUCTOR_ERRORS = [
     (dict(geometric_p=0.0), ValueError, "geometric_p must be in (0, 1]"),
     (dict(max_span_words=0), ValueError, "max_span_words must be in [1, 64]"),
     (dict(max_span_words=65), ValueError, "max_span_words must be in [1, 64]"),
-    (dict(max_span_len=0), ValueError, "max_span_len must be in"),
+    (dict(max_span_len=0), ValueError, "max_span_len must be >= 1, got 0"),
     (dict(sbo_special_boundaries=1), TypeError, "sbo_special_boundaries must be a bool"),
     (dict(replace_probs=(0.8, 0.1)), ValueError, "replace_probs must be 3 probabilities"),
     (dict(replace_probs=(0.8, 0.1, 0.2)), ValueError, "replace_probs must sum to 1"),
