@@ -76,7 +76,10 @@ CONFIGS = {
 # batch: 16x16 tiles took 2.2 s forward / 4.2 s backward and 32x32 0.7 s / 1.5 s, while
 # sequences of 64..130 still span several tiles with partial last tiles.
 _INTERPRETER_CONFIG = (32, 32, 1, 1)
-_DELTA_BLOCK_M = 32 if _INTERPRET else 64
+# The delta preprocess (rowsum(dO * O)) streams two (BLOCK_M, BLOCK_D) tiles: 32 rows on
+# 4 warps. At 64 rows the audit saw it spill on sm_100 (4 B in fp32 at head dim 64 with
+# triton 3.7.1, 12 B in bf16 at head dim 128 with triton 3.6.0).
+_DELTA_BLOCK_M = 32
 # The committed spill table of the installed triton (register allocation differs between
 # versions: kernels/attention_spills-triton<version>.json, written by ``python -m
 # benchmarks.audit --write-spill-table``): spill bytes per (kernel, arch, dtype, BLOCK_D,
