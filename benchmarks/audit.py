@@ -572,25 +572,27 @@ def autotune_group(row: Dict[str, Any]) -> Tuple[Any, ...]:
     return (row["kernel"], tuple(row["pointer_dtypes"]), consts)
 
 
-def _row_dtype(row: Dict[str, Any]) -> str:
-    return row["cases"][0]["dtype"]
+# The autotuned attention kernels, by the name kernels/attention.py's CONFIGS and spill
+# table give them.
+ATTENTION_KERNELS = {"_attention_forward_kernel": "forward",
+                     "_attention_backward_dkdv_kernel": "dkdv",
+                     "_attention_backward_dq_kernel": "dq"}
 
 
 def spill_table(doc: Dict[str, Any]) -> List[List[Any]]:
     """The attention autotuners' prune table: one entry ``[kernel, arch, dtype, BLOCK_D,
     VARLEN, HAS_DROPOUT, BLOCK_M, BLOCK_N, num_warps, num_stages, spill bytes]`` per config
     that spills (ptxas' spill stores), for the arches this audit compiled."""
-    names = {"_attention_forward_kernel": "forward", "_attention_backward_dkdv_kernel": "dkdv",
-             "_attention_backward_dq_kernel": "dq"}
     table = []
     for row in doc["rows"]:
-        if row["kernel"] not in names or not _arch_pruned(row):
+        if row["kernel"] not in ATTENTION_KERNELS or not _arch_pruned(row):
             continue
         c = row["constexprs"]
         for arch, r in sorted(row["archs"].items()):
             if "error" in r or not r["spills"]:
                 continue
-            table.append([names[row["kernel"]], int(arch.removeprefix("sm_")), _row_dtype(row),
+            table.append([ATTENTION_KERNELS[row["kernel"]], int(arch.removeprefix("sm_")),
+                          row["cases"][0]["dtype"],
                           c["BLOCK_D"], bool(c["VARLEN"]), bool(c["HAS_DROPOUT"]),
                           c["BLOCK_M"], c["BLOCK_N"], row["num_warps"], row["num_stages"],
                           r["spill_store_bytes"]])

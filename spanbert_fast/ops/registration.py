@@ -18,7 +18,6 @@ runs through the reference or the dedicated ops and nothing is recomputed.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -169,14 +168,11 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def run(name: str, backend: str, tensors: Sequence[Optional[torch.Tensor]], args: tuple,
-        reference_fn: Callable, *, matmul: bool = False):
+        reference_fn: Callable):
     """Dispatch a generically registered op: ``torch`` runs ``reference_fn`` under plain
-    autograd (torch.compile traces it directly), ``triton`` the custom op. ``matmul``: the
-    op multiplies matrices, so its float inputs follow autocast (see dispatch)."""
+    autograd (torch.compile traces it directly), ``triton`` the custom op."""
     chosen = dispatch.resolve_backend(backend, name, [t for t in tensors if t is not None])
     if chosen == "torch":
         return reference_fn(*args)
-    if matmul:
-        args = dispatch.autocast_matmul_inputs(args)
     with checks.arguments_checked():
         return custom_op(name)(*args, chosen)

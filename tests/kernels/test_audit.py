@@ -253,8 +253,7 @@ def test_launcher_prune_keeps_only_clean_configs_per_arch():
 
     baseline = _committed_audit()
     spills = {tuple(entry[:-1]): entry[-1] for entry in _committed_spill_table()["spills"]}
-    names = {"_attention_forward_kernel": "forward",
-             "_attention_backward_dkdv_kernel": "dkdv", "_attention_backward_dq_kernel": "dq"}
+    names = audit.ATTENTION_KERNELS
     groups = {}
     for row in baseline["rows"]:
         if row["kernel"] in names and audit._arch_pruned(row):
